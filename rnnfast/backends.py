@@ -1,0 +1,160 @@
+"""Backend registry: who can run a layer, and who runs it under ``backend="auto"``.
+
+A backend implements one layer in one direction over a whole sequence for every cell (see :class:`Backend`). The
+ops in :mod:`rnnfast.ops` dispatch to it by name; the Triton and CUDA backends register themselves here when their
+modules are imported. ``auto`` takes the first backend in :data:`AUTO_ORDER` that can run the configuration;
+a backend named explicitly that cannot run it raises :class:`BackendUnavailableError` with its reason.
+Nothing falls back silently to a backend the caller did not ask for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+# Fastest first. Where two kernel backends both run a configuration, the benchmark decides this order.
+AUTO_ORDER = ("cuda", "triton", "reference")
+NAMES = ("auto",) + AUTO_ORDER
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this configuration; the message says why."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a backend needs to know to decide whether it can run a layer (no tensor data)."""
+
+    cell: str
+    device: torch.device
+    dtype: torch.dtype
+    seq_len: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    proj_size: int  # 0 when the LSTM has no projection
+    bias: bool
+    has_lengths: bool
+
+
+class Backend:
+    """One implementation of the layer ops.
+
+    Subclasses implement:
+
+    - ``unavailable(spec) -> str | None``: None when the backend can run ``spec``, else the reason it cannot.
+    - ``forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse) -> (y, h_n, c_n, workspace)``.
+      Shapes as in :func:`rnnfast.reference.layer_forward`; ``c0``/``c_n`` are None except for LSTM. All outputs
+      are fresh tensors (never an input returned as is). ``workspace`` is whatever the backward needs beyond the
+      inputs and outputs, in a layout of the backend's choosing.
+    - ``workspace(cell, x, h0, w_hh, w_hr) -> Tensor``: an empty tensor shaped like the forward's workspace, on
+      ``x``'s device (used by the fake kernels that ``torch.compile`` traces with).
+    - ``backward(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+      y, h_n, c_n, workspace) -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)`` with None for absent inputs.
+      ``grad_*`` are always tensors (zeros where the output was unused).
+    """
+
+    name: str = ""
+
+    def unavailable(self, spec: LayerSpec) -> str | None:
+        raise NotImplementedError
+
+    def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+        raise NotImplementedError
+
+    def workspace(self, cell, x, h0, w_hh, w_hr) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                 reverse, y, h_n, c_n, workspace):
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """The pure-PyTorch time loop of :mod:`rnnfast.reference`: any device, any floating dtype."""
+
+    name = "reference"
+
+    def unavailable(self, spec):
+        return None
+
+    def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+        y, h_n, c_n = reference.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        return y, h_n, c_n, self.workspace(cell, x, h0, w_hh, w_hr)
+
+    def workspace(self, cell, x, h0, w_hh, w_hr):
+        # The reference backward recomputes the forward; it keeps nothing.
+        return x.new_empty(0)
+
+    def backward(self, cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                 reverse, y, h_n, c_n, workspace):
+        return reference.layer_backward(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                        w_hr, lengths, reverse)
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Backends that are known by name but failed to load, with the reason (shown when one is asked for).
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry under ``backend.name``."""
+    if backend.name not in AUTO_ORDER:
+        raise ValueError(f"backend name {backend.name!r} is not one of {AUTO_ORDER}")
+    _REGISTRY[backend.name] = backend
+    _LOAD_ERRORS.pop(backend.name, None)
+    return backend
+
+
+def mark_unloadable(name: str, reason: str) -> None:
+    """Record that backend ``name`` could not be loaded (e.g. its compiler is missing) and why."""
+    if name not in _REGISTRY:
+        _LOAD_ERRORS[name] = reason
+
+
+def get(name: str) -> Backend:
+    """The registered backend called ``name`` (not ``auto``)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        if name in _LOAD_ERRORS:
+            raise BackendUnavailableError(f"rnnfast backend {name!r} is not available: {_LOAD_ERRORS[name]}") from None
+        if name in AUTO_ORDER:
+            raise BackendUnavailableError(f"rnnfast backend {name!r} is not available: it is not built into this "
+                                          "version of rnnfast") from None
+        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {NAMES}") from None
+
+
+def why_unavailable(name: str, spec: LayerSpec) -> str | None:
+    """None when backend ``name`` can run ``spec``, else the reason it cannot."""
+    if name not in _REGISTRY:
+        return _LOAD_ERRORS.get(name, "it is not built into this version of rnnfast")
+    return _REGISTRY[name].unavailable(spec)
+
+
+def select(name: str, spec: LayerSpec) -> str:
+    """Resolve ``name`` (a backend or ``auto``) to the backend that will run ``spec``."""
+    if name not in NAMES:
+        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {NAMES}")
+    if name != "auto":
+        reason = why_unavailable(name, spec)
+        if reason is not None:
+            raise BackendUnavailableError(f"rnnfast backend {name!r} cannot run this {spec.cell} layer "
+                                          f"({spec.dtype}, {spec.device}): {reason}")
+        return name
+    for candidate in AUTO_ORDER:
+        if why_unavailable(candidate, spec) is None:
+            return candidate
+    raise BackendUnavailableError(f"no rnnfast backend can run this {spec.cell} layer: {spec}")
+
+
+def available(spec: LayerSpec) -> dict[str, str | None]:
+    """Every known backend mapped to None (can run ``spec``) or the reason it cannot."""
+    return {name: why_unavailable(name, spec) for name in AUTO_ORDER}
+
+
+register(ReferenceBackend())

@@ -1,0 +1,231 @@
+"""The pure-PyTorch reference: the specification every rnnfast kernel is tested against.
+
+One layer, one direction, the whole sequence, written for clarity rather than speed. Each time step is the
+concatenated product ``[x_t, h_{t-1}] @ [W_ih, W_hh]^T`` plus bias, the cell's activations and its state update,
+with torch.nn's gate orders (LSTM ``i, f, g, o``; GRU ``r, z, n`` with ``b_hn`` inside the ``r`` product).
+
+Variable lengths follow packed sequences: at step ``t`` a sequence ``b`` is active when ``t < lengths[b]``;
+an inactive step writes zeros to the output and leaves the state unchanged. ``reverse=True`` walks from ``T-1``
+down to ``0``, so each sequence is reversed within its own length (its state stays at ``h0`` until its last
+valid step).
+
+:func:`layer_forward` is differentiable by autograd; :func:`layer_backward` is the explicit back-propagation
+through time that the kernel backends implement (gate gradients in reverse time, then the weight, bias and input
+gradients as GEMMs over all steps). Low-precision inputs are computed in float32 and rounded at the end, which is
+what the kernels do (fp32 accumulation and fp32 cell state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: float32 for half types, the dtype itself otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _steps(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _active(t: int, lengths: Tensor | None, B: int, device) -> Tensor | None:
+    """(B, 1) bool mask of the sequences that have a step ``t``, or None when all do."""
+    if lengths is None:
+        return None
+    return (lengths.to(device) > t).view(B, 1)
+
+
+def cell_step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None = None):
+    """One time step of ``cell`` for a batch. Returns ``(h_new, c_new, gates)``.
+
+    ``gates`` holds what the backward needs: the activated gates (RNN: ``h_new``; GRU: ``r, z, n`` and the hidden
+    part of the ``n`` pre-activation; LSTM: ``i, f, g, o``), laid out along the last dimension.
+    """
+    H = w_hh.shape[0] // GATES[cell]
+    if cell == "gru":
+        # r and z take the concatenated product; n keeps its hidden part apart because r scales W_hn h + b_hn.
+        xh = torch.cat([x, h], dim=1)
+        w_rz = torch.cat([w_ih[: 2 * H], w_hh[: 2 * H]], dim=1)
+        rz = xh @ w_rz.t()
+        gx_n = x @ w_ih[2 * H:].t()
+        gh_n = h @ w_hh[2 * H:].t()
+        if b_ih is not None:
+            rz = rz + b_ih[: 2 * H] + b_hh[: 2 * H]
+            gx_n = gx_n + b_ih[2 * H:]
+            gh_n = gh_n + b_hh[2 * H:]
+        r, z = torch.sigmoid(rz).chunk(2, dim=1)
+        n = torch.tanh(gx_n + r * gh_n)
+        h_new = (1 - z) * n + z * h
+        return h_new, None, torch.cat([r, z, n, gh_n], dim=1)
+
+    pre = torch.cat([x, h], dim=1) @ torch.cat([w_ih, w_hh], dim=1).t()
+    if b_ih is not None:
+        pre = pre + b_ih + b_hh
+    if cell == "rnn_tanh":
+        h_new = torch.tanh(pre)
+        return h_new, None, h_new
+    if cell == "rnn_relu":
+        h_new = torch.relu(pre)
+        return h_new, None, h_new
+    if cell == "lstm":
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        return h_new, c_new, torch.cat([i, f, g, o], dim=1)
+    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+
+
+def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
+                  lengths: Tensor | None = None, reverse: bool = False):
+    """Run one layer of ``cell`` in one direction over a whole sequence.
+
+    Args:
+        x: ``(T, B, I)`` input; h0: ``(B, H_out)``; c0: ``(B, H)`` for LSTM, else None.
+        w_ih: ``(G*H, I)``; w_hh: ``(G*H, H_out)``; b_ih, b_hh: ``(G*H,)`` or None; w_hr: ``(H_out, H)`` or None.
+        lengths: ``(B,)`` integer valid lengths, or None for all ``T``.
+        reverse: process each sequence from its last valid step to its first.
+
+    Returns ``(y, h_n, c_n)``: ``y`` is ``(T, B, H_out)`` with zeros at padded steps, ``c_n`` is None unless LSTM.
+    """
+    out_dtype = x.dtype
+    ct = compute_dtype(out_dtype)
+    x, h, w_ih, w_hh = x.to(ct), h0.to(ct), w_ih.to(ct), w_hh.to(ct)
+    c = c0.to(ct) if c0 is not None else None
+    b_ih = b_ih.to(ct) if b_ih is not None else None
+    b_hh = b_hh.to(ct) if b_hh is not None else None
+    w_hr = w_hr.to(ct) if w_hr is not None else None
+    T, B = x.shape[0], x.shape[1]
+    ys = [None] * T
+    for t in _steps(T, reverse):
+        h_new, c_new, _ = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        m = _active(t, lengths, B, x.device)
+        if m is None:
+            ys[t], h, c = h_new, h_new, c_new
+        else:
+            ys[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+            h = torch.where(m, h_new, h)
+            if c is not None:
+                c = torch.where(m, c_new, c)
+    y = torch.stack(ys) if T > 0 else x.new_zeros(0, B, h.shape[1])
+    return y.to(out_dtype), h.to(out_dtype), (c.to(out_dtype) if c is not None else None)
+
+
+def _step_backward(cell: str, dh: Tensor, dc: Tensor | None, h: Tensor, c: Tensor | None, gates: Tensor,
+                   w_hh: Tensor, w_hr: Tensor | None):
+    """Back-propagate one step from ``(dh_new, dc_new)``.
+
+    Returns ``(d_input_gates, d_hidden_gates, dh_prev_partial, dc_prev, dw_hr, m)`` where the gate gradients are
+    with respect to the pre-activations of the input part and the hidden part (they differ only for GRU's n gate),
+    ``dh_prev_partial`` is the part of ``dh_prev`` that does not go through ``W_hh``, and ``m`` the LSTM's
+    pre-projection output when ``w_hr`` is set.
+    """
+    if cell == "rnn_tanh":
+        dpre = dh * (1 - gates * gates)
+        return dpre, dpre, None, None, None
+    if cell == "rnn_relu":
+        dpre = dh * (gates > 0).to(dh.dtype)
+        return dpre, dpre, None, None, None
+    if cell == "gru":
+        r, z, n, gh_n = gates.chunk(4, dim=1)
+        dn = dh * (1 - z)
+        dz = dh * (h - n)
+        dn_pre = dn * (1 - n * n)
+        dr_pre = dn_pre * gh_n * r * (1 - r)
+        dz_pre = dz * z * (1 - z)
+        d_in = torch.cat([dr_pre, dz_pre, dn_pre], dim=1)
+        d_hid = torch.cat([dr_pre, dz_pre, dn_pre * r], dim=1)
+        return d_in, d_hid, dh * z, None, None
+    if cell == "lstm":
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = f * c + i * g
+        tc = torch.tanh(c_new)
+        dw_hr = None
+        if w_hr is not None:
+            dw_hr = dh.t() @ (o * tc)
+            dh = dh @ w_hr
+        dct = dc + dh * o * (1 - tc * tc)
+        d = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f), dct * i * (1 - g * g),
+                       dh * tc * o * (1 - o)], dim=1)
+        return d, d, None, dct * f, dw_hr
+    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+
+
+def layer_backward(cell: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor | None, x: Tensor, h0: Tensor,
+                   c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+                   b_hh: Tensor | None = None, w_hr: Tensor | None = None, lengths: Tensor | None = None,
+                   reverse: bool = False):
+    """Explicit back-propagation through time for :func:`layer_forward`.
+
+    Recomputes the forward states, then walks the steps in the opposite order, carrying ``dh`` (and ``dc``)
+    through ``W_hh``. The input, weight and bias gradients are GEMMs over all steps once the gate gradients are
+    known. Returns ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)`` with None where the input was None.
+    """
+    out_dtype = x.dtype
+    ct = compute_dtype(out_dtype)
+    f = lambda t: t.to(ct) if t is not None else None  # noqa: E731
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = map(f, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    grad_y, dh, dc = f(grad_y), f(grad_h_n), f(grad_c_n)
+    T, B = x.shape[0], x.shape[1]
+    G = w_hh.shape[0]
+    order = list(_steps(T, reverse))
+
+    # Forward again, keeping the state before each step and the step's gates.
+    saved = {}
+    for t in order:
+        h_new, c_new, gates = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        saved[t] = (h, c, gates)
+        m = _active(t, lengths, B, x.device)
+        h = h_new if m is None else torch.where(m, h_new, h)
+        if c is not None:
+            c = c_new if m is None else torch.where(m, c_new, c)
+
+    d_in = x.new_zeros(T, B, G)
+    d_hid = x.new_zeros(T, B, G)
+    h_prev_all = x.new_zeros(T, B, h.shape[1])
+    dw_hr = torch.zeros_like(w_hr) if w_hr is not None else None
+    if dc is None and c is not None:
+        dc = torch.zeros_like(c)
+    for t in reversed(order):
+        h_prev, c_prev, gates = saved[t]
+        h_prev_all[t] = h_prev
+        m = _active(t, lengths, B, x.device)
+        dh_t = dh + grad_y[t]
+        if m is not None:
+            dh_t = torch.where(m, dh_t, torch.zeros_like(dh_t))
+        di, dhid, dh_direct, dc_prev, dwr = _step_backward(
+            cell, dh_t, None if dc is None else (dc if m is None else torch.where(m, dc, torch.zeros_like(dc))),
+            h_prev, c_prev, gates, w_hh, w_hr)
+        d_in[t], d_hid[t] = di, dhid
+        if dwr is not None:
+            dw_hr += dwr
+        dh_prev = dhid @ w_hh
+        if dh_direct is not None:
+            dh_prev = dh_prev + dh_direct
+        if m is None:
+            dh = dh_prev
+            dc = dc_prev if dc_prev is not None else dc
+        else:
+            # A padded step passes the state, and so its gradient, through unchanged.
+            dh = torch.where(m, dh_prev, dh)
+            if dc_prev is not None:
+                dc = torch.where(m, dc_prev, dc)
+
+    flat_in, flat_hid = d_in.reshape(T * B, G), d_hid.reshape(T * B, G)
+    dx = (flat_in @ w_ih).view(T, B, -1)
+    dw_ih = flat_in.t() @ x.reshape(T * B, -1)
+    dw_hh = flat_hid.t() @ h_prev_all.reshape(T * B, -1)
+    db_ih = flat_in.sum(0) if b_ih is not None else None
+    db_hh = flat_hid.sum(0) if b_hh is not None else None
+    dc0 = dc if c is not None else None
+    g = lambda t: t.to(out_dtype) if t is not None else None  # noqa: E731
+    return tuple(map(g, (dx, dh, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)))
