@@ -9,6 +9,7 @@ Nothing falls back silently to a backend the caller did not ask for.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,18 @@ class Backend:
     """
 
     name: str = ""
+    # Variants a caller may name as "<backend>:<mode>" (e.g. the input part "fused" or "hoisted"); the first is
+    # the default. ``self.mode`` is None for the default instance.
+    modes: tuple[str, ...] = ()
+    mode: str | None = None
+
+    def with_mode(self, mode: str) -> "Backend":
+        """A copy of this backend bound to ``mode``."""
+        if mode not in self.modes:
+            raise ValueError(f"rnnfast backend {self.name!r} has no mode {mode!r}; its modes are {self.modes}")
+        clone = copy.copy(self)
+        clone.mode = mode
+        return clone
 
     def unavailable(self, spec: LayerSpec) -> str | None:
         raise NotImplementedError
@@ -116,11 +129,30 @@ def mark_unloadable(name: str, reason: str) -> None:
         _LOAD_ERRORS[name] = reason
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"triton:fused"`` -> ``("triton", "fused")``; ``"triton"`` -> ``("triton", None)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    base, _, mode = name.partition(":")
+    return base, (mode or None)
+
+
+def check_name(name: str) -> str:
+    """Validate a backend name (``auto``, a backend, or ``backend:mode``) without loading anything."""
+    base, mode = split_name(name)
+    if base not in NAMES or (base == "auto" and mode is not None):
+        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {NAMES}, optionally with ':<mode>'")
+    return name
+
+
 def get(name: str) -> Backend:
-    """The registered backend called ``name`` (not ``auto``)."""
+    """The registered backend called ``name`` (``backend`` or ``backend:mode``; not ``auto``)."""
+    base, mode = split_name(name)
     try:
-        return _REGISTRY[name]
+        be = _REGISTRY[base]
+        return be if mode is None else be.with_mode(mode)
     except KeyError:
+        name = base
         if name in _LOAD_ERRORS:
             raise BackendUnavailableError(f"rnnfast backend {name!r} is not available: {_LOAD_ERRORS[name]}") from None
         if name in AUTO_ORDER:
@@ -131,15 +163,18 @@ def get(name: str) -> Backend:
 
 def why_unavailable(name: str, spec: LayerSpec) -> str | None:
     """None when backend ``name`` can run ``spec``, else the reason it cannot."""
-    if name not in _REGISTRY:
-        return _LOAD_ERRORS.get(name, "it is not built into this version of rnnfast")
-    return _REGISTRY[name].unavailable(spec)
+    base, mode = split_name(name)
+    if base not in _REGISTRY:
+        return _LOAD_ERRORS.get(base, "it is not built into this version of rnnfast")
+    be = _REGISTRY[base]
+    if mode is not None and mode not in be.modes:
+        return f"it has no mode {mode!r} (modes: {be.modes})"
+    return (be if mode is None else be.with_mode(mode)).unavailable(spec)
 
 
 def select(name: str, spec: LayerSpec) -> str:
     """Resolve ``name`` (a backend or ``auto``) to the backend that will run ``spec``."""
-    if name not in NAMES:
-        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {NAMES}")
+    check_name(name)
     if name != "auto":
         reason = why_unavailable(name, spec)
         if reason is not None:

@@ -27,9 +27,7 @@ _MODE_CELL = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LST
 
 
 def _check_backend(backend) -> str:
-    if backend not in backends.NAMES:
-        raise ValueError(f"backend should be one of {backends.NAMES}, got {backend!r}")
-    return backend
+    return backends.check_name(backend)
 
 
 def _check_hx_tensor(name: str, hx: Tensor, like: Tensor) -> None:
