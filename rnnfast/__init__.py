@@ -1,5 +1,7 @@
 """rnnfast: fused whole-sequence RNN, GRU and LSTM layers for PyTorch, drop-in for torch.nn."""
 
+import importlib.util
+
 from . import backends, ops, reference
 from . import nn
 from .backends import BackendUnavailableError
@@ -16,6 +18,8 @@ def _load_kernel_backends() -> None:
         from . import kernels  # noqa: F401  (Triton)
     except Exception as exc:  # pragma: no cover - depends on the machine
         backends.mark_unloadable("triton", f"importing rnnfast.kernels failed: {type(exc).__name__}: {exc}")
+    if importlib.util.find_spec(f"{__name__}.cuda") is None:
+        return  # this version has no CUDA backend; the registry says so when it is asked for
     try:
         from . import cuda  # noqa: F401  (CUDA C++ in csrc/, built on first use)
     except ImportError as exc:
