@@ -30,8 +30,21 @@ def _check_backend(backend) -> str:
     return backends.check_name(backend)
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``t``'s device, or None. Under autocast the whole layer runs in it, as
+    torch.nn's cuDNN path does (weights, input and state cast, outputs in the autocast dtype)."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(t, dtype):
+    return t if (t is None or dtype is None) else t.to(dtype)
+
+
 def _check_hx_tensor(name: str, hx: Tensor, like: Tensor) -> None:
-    if hx.dtype != like.dtype:
+    if hx.dtype != like.dtype and _autocast_dtype(like) is None:
         raise RuntimeError(f"{name} dtype ({hx.dtype}) does not match input dtype ({like.dtype})")
     if hx.device != like.device:
         raise RuntimeError(f"{name} is on {hx.device} but input is on {like.device}")
@@ -214,7 +227,7 @@ class _RNNBase(torch.nn.Module):
 
         B = x.size(1)
         if hx is None:
-            h0 = x.new_zeros(self._expected_hidden_size(B))
+            h0 = x.new_zeros(self._expected_hidden_size(B))  # in x's dtype, as torch.nn
             c0 = x.new_zeros(self._expected_hidden_size(B, cell_state=True)) if is_lstm else None
         elif is_lstm:
             h0, c0 = hx
@@ -227,6 +240,9 @@ class _RNNBase(torch.nn.Module):
             self._check_hidden_size(h0, self._expected_hidden_size(B))
             _check_hx_tensor("hx", h0, x)
 
+        amp = _autocast_dtype(x)
+        if amp is not None:
+            x, h0, c0 = _cast(x, amp), _cast(h0, amp), _cast(c0, amp)
         cell = _MODE_CELL[self.mode]
         layer_fn = ops.LAYER_FUNCTIONS[cell]
         h_n, c_n = [], []
@@ -235,7 +251,7 @@ class _RNNBase(torch.nn.Module):
             outputs = []
             for direction in range(num_directions):
                 idx = layer * num_directions + direction
-                w = [getattr(self, n) for n in self._all_weights[idx]]
+                w = [_cast(getattr(self, n), amp) for n in self._all_weights[idx]]
                 w_ih, w_hh = w[0], w[1]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 w_hr = w[-1] if self.proj_size > 0 else None
@@ -359,10 +375,15 @@ class _CellBase(torch.nn.Module):
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
+    def _weights(self, input: Tensor):
+        """(w_ih, w_hh, b_ih, b_hh), cast to the autocast dtype when autocast is on."""
+        amp = _autocast_dtype(input)
+        return tuple(_cast(w, amp) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+
     def _check(self, input: Tensor, states: list[Tensor]) -> None:
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != self.weight_ih.dtype and _autocast_dtype(input) is None:
             raise RuntimeError(f"{self._name}: input dtype ({input.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
         if input.device != self.weight_ih.device:
@@ -407,8 +428,9 @@ class RNNCell(_CellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check(input, [hx])
-        _, h = ops.rnn(self.nonlinearity, input.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                       self.bias_hh, backend=self.backend)
+        amp = _autocast_dtype(input)
+        _, h = ops.rnn(self.nonlinearity, _cast(input, amp).unsqueeze(0), _cast(hx, amp), *self._weights(input),
+                       backend=self.backend)
         return h if is_batched else h.squeeze(0)
 
 
@@ -430,8 +452,8 @@ class GRUCell(_CellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check(input, [hx])
-        _, h = ops.gru(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                       backend=self.backend)
+        amp = _autocast_dtype(input)
+        _, h = ops.gru(_cast(input, amp).unsqueeze(0), _cast(hx, amp), *self._weights(input), backend=self.backend)
         return h if is_batched else h.squeeze(0)
 
 
@@ -456,8 +478,9 @@ class LSTMCell(_CellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check(input, list(hx))
-        _, h, c = ops.lstm(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                           self.bias_hh, backend=self.backend)
+        amp = _autocast_dtype(input)
+        _, h, c = ops.lstm(_cast(input, amp).unsqueeze(0), _cast(hx[0], amp), _cast(hx[1], amp),
+                           *self._weights(input), backend=self.backend)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 

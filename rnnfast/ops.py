@@ -27,6 +27,8 @@ Outputs: ``y (T, B, H_out)`` with zeros at padded steps, ``h_n (B, H_out)`` and,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,12 @@ def _backend(name, cell, x, w_hh, w_hr, b_ih, lengths) -> backends.Backend:
     return backends.get(backends.select(name, layer_spec(cell, x, w_hh, w_hr, b_ih, lengths)))
 
 
+def _no_autocast(x: Tensor):
+    # Autocast has no rule for these ops, so it would reach the matmuls inside a backend and lower their
+    # precision; the caller (rnnfast.nn) has already cast the inputs to the dtype the layer runs in.
+    return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
@@ -78,7 +86,8 @@ def _define_rnn_like(cell: str):
 
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend):
         be = _backend(backend, cell, x, w_hh, None, b_ih, lengths)
-        y, h_n, _, ws = be.forward(cell, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse)
+        with _no_autocast(x):
+            y, h_n, _, ws = be.forward(cell, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse)
         return y, h_n, ws
 
     def forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend):
@@ -88,9 +97,10 @@ def _define_rnn_like(cell: str):
 
     def backward_impl(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend, y, h_n, ws):
         be = _backend(backend, cell, x, w_hh, None, b_ih, lengths)
-        dx, dh0, _, dw_ih, dw_hh, db_ih, db_hh, _ = be.backward(
-            cell, grad_y, grad_h_n, None, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, y, h_n,
-            None, ws)
+        with _no_autocast(x):
+            dx, dh0, _, dw_ih, dw_hh, db_ih, db_hh, _ = be.backward(
+                cell, grad_y, grad_h_n, None, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, y, h_n,
+                None, ws)
         return dx, dh0, dw_ih, dw_hh, _empty_if_none(db_ih, x), _empty_if_none(db_hh, x)
 
     def backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend, y, h_n, ws):
@@ -127,7 +137,8 @@ def _define_lstm():
 
     def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
         be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
-        return be.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        with _no_autocast(x):
+            return be.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
     def forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
         be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
@@ -137,8 +148,9 @@ def _define_lstm():
     def backward_impl(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                       backend, y, h_n, c_n, ws):
         be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
-        grads = be.backward(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                            reverse, y, h_n, c_n, ws)
+        with _no_autocast(x):
+            grads = be.backward(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                lengths, reverse, y, h_n, c_n, ws)
         return tuple(_empty_if_none(g, x) for g in grads)
 
     def backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,

@@ -346,3 +346,23 @@ def test_empty_batch_like_torch_nn():
     o1, (h1, c1) = ours(x)
     o2, (h2, c2) = theirs(x)
     assert o1.shape == o2.shape and h1.shape == h2.shape and c1.shape == c2.shape
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
+def test_autocast_runs_the_layer_in_the_autocast_dtype(cls):
+    """Under autocast the layer runs in the autocast dtype (as torch.nn's cuDNN path does), gradients reach the
+    float32 parameters, and the result equals the same module cast to that dtype."""
+    torch.manual_seed(0)
+    m = getattr(rnnfast.nn, cls)(4, 6)
+    x = torch.randn(5, 3, 4) if cls == "LSTM" else torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    out = out[0] if cls == "LSTM" else out
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    low = getattr(rnnfast.nn, cls)(4, 6, dtype=torch.bfloat16)
+    low.load_state_dict(m.state_dict())
+    expected = low(x.bfloat16())
+    expected = expected[0] if cls == "LSTM" else expected
+    assert torch.equal(out, expected)
