@@ -76,6 +76,11 @@ class Backend:
     def unavailable(self, spec: LayerSpec) -> str | None:
         raise NotImplementedError
 
+    def auto_unavailable(self, spec: LayerSpec) -> str | None:
+        """Why ``auto`` must not pick this backend for ``spec`` even if it can run it (e.g. an interpreter that is
+        correct but slow); None when it may. Defaults to :meth:`unavailable`."""
+        return self.unavailable(spec)
+
     def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
         raise NotImplementedError
 
@@ -161,15 +166,16 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {NAMES}") from None
 
 
-def why_unavailable(name: str, spec: LayerSpec) -> str | None:
-    """None when backend ``name`` can run ``spec``, else the reason it cannot."""
+def why_unavailable(name: str, spec: LayerSpec, *, for_auto: bool = False) -> str | None:
+    """None when backend ``name`` can run ``spec`` (with ``for_auto``: and ``auto`` may pick it), else the reason."""
     base, mode = split_name(name)
     if base not in _REGISTRY:
         return _LOAD_ERRORS.get(base, "it is not built into this version of rnnfast")
     be = _REGISTRY[base]
     if mode is not None and mode not in be.modes:
         return f"it has no mode {mode!r} (modes: {be.modes})"
-    return (be if mode is None else be.with_mode(mode)).unavailable(spec)
+    be = be if mode is None else be.with_mode(mode)
+    return be.auto_unavailable(spec) if for_auto else be.unavailable(spec)
 
 
 def select(name: str, spec: LayerSpec) -> str:
@@ -182,7 +188,7 @@ def select(name: str, spec: LayerSpec) -> str:
                                           f"({spec.dtype}, {spec.device}): {reason}")
         return name
     for candidate in AUTO_ORDER:
-        if why_unavailable(candidate, spec) is None:
+        if why_unavailable(candidate, spec, for_auto=True) is None:
             return candidate
     raise BackendUnavailableError(f"no rnnfast backend can run this {spec.cell} layer: {spec}")
 

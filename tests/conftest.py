@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter, which triton.jit picks when rnnfast is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # (atol, rtol) per dtype for a computation compared with a float64 oracle of the same math.
 # Low-precision kernels follow the flash-attention rule instead: see assert_within_baseline.

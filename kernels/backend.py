@@ -1,0 +1,275 @@
+"""The ``triton`` backend: launchers for the kernels in :mod:`rnnfast.kernels.layer` and their registration.
+
+Modes (``backend="triton:<mode>"``): ``hoisted`` (default) computes ``x @ W_ih^T`` for all steps as one GEMM before
+the recurrent kernel; ``fused`` multiplies ``x_t`` by ``W_ih`` inside each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..backends import Backend, register
+from ..reference import GATES, compute_dtype
+from . import layer
+
+# triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCHEDULES = ("persistent", "step")
+# W_hh stays in registers for the whole sequence when one program's slice (every gate) has at most this many
+# elements and its K extent fits one tile. Untuned: not measured on a GPU yet.
+RESIDENT_MAX_ELEMENTS = 16384
+RESIDENT_MAX_K = 128
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a layer is split over programs and launched."""
+
+    schedule: str  # "persistent": one launch; "step": one launch per step
+    block_b: int  # sequences per program
+    block_h: int  # hidden units per program (all their gates)
+    block_k: int  # K tile of the recurrent product
+    block_i: int  # K tile of the fused input product
+    w_resident: bool  # W_hh slice loaded once and kept for every step
+
+    def grid(self, B: int, H: int) -> tuple[int, int]:
+        return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_h)
+
+    def needs_sync(self, H: int) -> bool:
+        """Several programs share a batch tile inside one launch: they wait for each other every step."""
+        return self.schedule == "persistent" and triton.cdiv(H, self.block_h) > 1
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    # tl.dot needs every tile dimension to be a power of two and at least 16.
+    p = max(lo, triton.next_power_of_2(max(n, 1)))
+    return min(p, hi) if hi is not None else p
+
+
+def _resident_program_limit(device: torch.device) -> int | None:
+    """How many programs of the persistent schedule can be resident at once (None: no limit, the interpreter)."""
+    if device.type != "cuda":
+        return None
+    # One program per multiprocessor is always resident whatever the kernel's registers and shared memory.
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, schedule: str | None = None,
+              block_b: int | None = None, block_h: int | None = None, block_k: int | None = None,
+              block_i: int | None = None) -> Plan:
+    """Choose tiles and schedule; explicit arguments are honoured or refused with the reason."""
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    NG = GATES[cell]
+    block_b = _pow2(B, hi=64) if block_b is None else block_b
+    n_bt = triton.cdiv(B, block_b)
+    limit = _resident_program_limit(device)
+    if block_h is None:
+        if limit is None:
+            block_h = _pow2(H)  # one program per batch tile: the interpreter runs it without a grid barrier
+        else:
+            # The most programs (smallest slice) that can all be resident; else the per-step schedule.
+            fitting = [bh for bh in (16, 32, 64, 128) if n_bt * triton.cdiv(H, bh) <= limit]
+            if fitting and schedule != "step":
+                block_h, schedule = fitting[0], schedule or "persistent"
+            else:
+                block_h, schedule = min(_pow2(H), 64), schedule or "step"
+    schedule = schedule or "persistent"
+    K_full = _pow2(H)
+    w_resident = block_k in (None, K_full) and K_full <= RESIDENT_MAX_K and NG * K_full * block_h <= RESIDENT_MAX_ELEMENTS
+    block_k = K_full if w_resident else (block_k or min(K_full, 64))
+    block_i = block_i or _pow2(I, hi=64)
+    for name, v in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k), ("block_i", block_i)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    n_programs = n_bt * triton.cdiv(H, block_h)
+    if schedule == "persistent" and triton.cdiv(H, block_h) > 1:
+        if limit is None:
+            raise ValueError("the persistent schedule with several programs per batch tile waits on an in-kernel "
+                             "barrier, which the Triton interpreter (programs run one after another) cannot run; "
+                             "use schedule='step' or block_h >= hidden size")
+        if n_programs > limit:
+            raise ValueError(f"the persistent schedule needs all {n_programs} programs resident at once, but this "
+                             f"GPU holds {limit}; use schedule='step' or larger tiles")
+    return Plan(schedule, block_b, block_h, block_k, block_i, w_resident)
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    # float32 is exact IEEE unless the user allowed TF32 for matmuls the way torch does.
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def workspace_numel(cell: str, T: int, B: int, H: int) -> int:
+    GW = 4 if cell == "gru" else GATES[cell]
+    planes = GW + 1 + (1 if cell == "lstm" else 0)  # gates, hs, cs
+    return T * B * H * planes
+
+
+def _split_workspace(cell: str, ws: torch.Tensor, T: int, B: int, H: int):
+    GW = 4 if cell == "gru" else GATES[cell]
+    n = T * B * H
+    gates = ws[: GW * n].view(T, B, GW * H)
+    hs = ws[GW * n:(GW + 1) * n].view(T, B, H)
+    cs = ws[(GW + 1) * n:(GW + 2) * n].view(T, B, H) if cell == "lstm" else None
+    return gates, hs, cs
+
+
+def _biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):
+    """(b, b_hn): the biases summed per gate (GRU's n gate: b_in only) and GRU's b_hn, in the compute dtype."""
+    if b_ih is None:
+        return None, None
+    b = b_ih.to(ct) + b_hh.to(ct)
+    if cell == "gru":
+        b[2 * H:] = b_ih[2 * H:]
+        return b, b_hh[2 * H:].to(ct).contiguous()
+    return b, None
+
+
+def _launch(kernel, grid, plan: Plan, T: int, steps_args, args, meta):
+    if plan.schedule == "persistent":
+        kernel[grid](*args, *steps_args(0, T), **meta)
+    else:
+        for s in range(T):
+            kernel[grid](*args, *steps_args(s, 1), **meta)
+
+
+def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused: bool, plan: Plan | None = None):
+    """Run the layer. Returns ``(y, h_n, c_n, workspace)`` as :meth:`rnnfast.backends.Backend.forward`."""
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    NG = GATES[cell]
+    dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
+    plan = plan or make_plan(cell, dev, B, I, H)
+    y = torch.empty(T, B, H, dtype=dt, device=dev)
+    h_n = torch.empty(B, H, dtype=dt, device=dev)
+    c_n = torch.empty(B, H, dtype=dt, device=dev) if cell == "lstm" else None
+    ws = torch.empty(workspace_numel(cell, T, B, H), dtype=ct, device=dev)
+    if B == 0:
+        return y, h_n, c_n, ws
+    gates, hs, cs = _split_workspace(cell, ws, T, B, H)
+    t0 = T - 1 if reverse else 0
+    hs[t0].copy_(h0)
+    if cs is not None:
+        cs[t0].copy_(c0)
+    x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    b, b_hn = _biases(cell, b_ih, b_hh, H, ct)
+    gx = ws  # placeholder pointer when unused
+    if not fused:
+        x2d = x.view(T * B, I)
+        if b is not None and ct == dt:
+            gx = torch.addmm(b, x2d, w_ih.t())
+        else:
+            gx = (x2d @ w_ih.t()).to(ct)
+            if b is not None:
+                gx += b
+        gx = gx.view(T, B, NG * H)
+    sync = torch.zeros(plan.grid(B, H)[0], dtype=torch.int32, device=dev)
+    args = (x, gx, w_ih, w_hh, ws if b is None else b, ws if b_hn is None else b_hn,
+            ws if lengths is None else lengths, hs, ws if cs is None else cs, gates, y, h_n,
+            ws if c_n is None else c_n, sync)
+    meta = dict(CELL=layer.CELL_IDS[cell], NG=NG, GW=gates.shape[2] // H, FUSED=fused, REVERSE=bool(reverse),
+                HAS_LEN=lengths is not None, HAS_BIAS=b is not None, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h,
+                BLOCK_K=plan.block_k, BLOCK_I=plan.block_i, W_RESIDENT=plan.w_resident,
+                PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H),
+                PRECISION=_precision(dt, dev), num_warps=NUM_WARPS)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _launch(layer.layer_forward_kernel, plan.grid(B, H), plan, T,
+                lambda s, n: (T, B, I, H, s, n), args, meta)
+    return y, h_n, c_n, ws
+
+
+def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, reverse, ws, *,
+             plan: Plan | None = None):
+    """Gradients ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh)`` from the forward's workspace."""
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    NG = GATES[cell]
+    dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
+    plan = plan or make_plan(cell, dev, B, I, H)
+    gates, hs, cs = _split_workspace(cell, ws, T, B, H)
+    d_in = torch.empty(T, B, NG * H, dtype=ct, device=dev)
+    d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
+    dh = grad_h_n.to(ct).contiguous().clone()
+    dc = grad_c_n.to(ct).contiguous().clone() if cell == "lstm" else None
+    if B > 0:
+        sync = torch.zeros(plan.grid(B, H)[0], dtype=torch.int32, device=dev)
+        args = (grad_y.contiguous(), w_hh.contiguous(), ws if lengths is None else lengths, hs,
+                ws if cs is None else cs, gates, d_in, d_hid, dh, ws if dc is None else dc, sync)
+        meta = dict(CELL=layer.CELL_IDS[cell], NG=NG, GW=gates.shape[2] // H, REVERSE=bool(reverse),
+                    HAS_LEN=lengths is not None, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
+                    W_RESIDENT=plan.w_resident, PERSISTENT=plan.schedule == "persistent",
+                    SYNC=plan.needs_sync(H), PRECISION=_precision(dt, dev), num_warps=NUM_WARPS)
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            _launch(layer.layer_backward_kernel, plan.grid(B, H), plan, T, lambda r, n: (T, B, H, r, n), args, meta)
+    # The last forward step's gate gradients still have to pass through W_hh to reach h0.
+    t_first = T - 1 if reverse else 0
+    dh0 = dh + d_hid[t_first] @ w_hh.to(ct)
+    # Weight, bias and input gradients: GEMMs over all steps, operands in the layer's dtype, fp32 accumulation.
+    flat_in = d_in.view(T * B, NG * H)
+    flat_hid = d_hid.view(T * B, NG * H)
+    lo_in = flat_in.to(dt)
+    lo_hid = lo_in if d_hid is d_in else flat_hid.to(dt)
+    dx = (lo_in @ w_ih).view(T, B, I)
+    dw_ih = lo_in.t() @ x.reshape(T * B, I)
+    dw_hh = lo_hid.t() @ hs.view(T * B, H).to(dt)
+    db_ih = flat_in.sum(0).to(dt) if b_ih is not None else None
+    db_hh = flat_hid.sum(0).to(dt) if b_ih is not None else None
+    return dx, dh0.to(dt), (dc.to(dt) if dc is not None else None), dw_ih, dw_hh, db_ih, db_hh
+
+
+class TritonBackend(Backend):
+    """Whole-sequence Triton kernels; see :mod:`rnnfast.kernels.layer` for the work split and schedules."""
+
+    name = "triton"
+    modes = ("hoisted", "fused")
+
+    def unavailable(self, spec):
+        if spec.proj_size:
+            return ("LSTM with proj_size is not fused: the projection mixes every hidden unit inside the step, "
+                    "which one program's slice does not hold")
+        if spec.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {spec.dtype} is not supported (supported: {', '.join(map(str, SUPPORTED_DTYPES))})"
+        if INTERPRETED:
+            if spec.device.type != "cpu":
+                return (f"TRITON_INTERPRET is set, so the kernels run on CPU tensors only (got {spec.device}); "
+                        "unset it before importing rnnfast to run them on the GPU")
+            if spec.dtype == torch.bfloat16:
+                return "the Triton interpreter computes bfloat16 dot products wrongly; bfloat16 runs on the GPU"
+            return None
+        if spec.device.type != "cuda":
+            return (f"Triton kernels need CUDA tensors, got {spec.device} (set TRITON_INTERPRET=1 before importing "
+                    "rnnfast to run them on the CPU, slowly, for testing)")
+        if torch.cuda.get_device_capability(spec.device) < (8, 0):
+            return "the kernels need a GPU of compute capability 8.0 (Ampere) or newer"
+        return None
+
+    def auto_unavailable(self, spec):
+        reason = self.unavailable(spec)
+        if reason is None and INTERPRETED:
+            return "it runs under the Triton interpreter, which is for testing, not speed"
+        return reason
+
+    def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+        return forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, fused=self.mode == "fused")
+
+    def workspace(self, cell, x, h0, w_hh, w_hr):
+        T, B = x.shape[0], x.shape[1]
+        return x.new_empty(workspace_numel(cell, T, B, w_hh.shape[1]), dtype=compute_dtype(x.dtype))
+
+    def backward(self, cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                 reverse, y, h_n, c_n, workspace):
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih,
+                                                            lengths, reverse, workspace)
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+register(TritonBackend())

@@ -1,0 +1,302 @@
+"""The Triton backend against the float64 reference (and torch.nn / cuDNN).
+
+On the CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1 without a GPU): every
+cell, both input modes, the per-step schedule with several programs per batch tile and the persistent schedule with
+one program per batch tile. On a GPU the same tests run on CUDA tensors, plus the persistent schedule whose programs
+wait on each other (the in-kernel barrier), and float16/bfloat16 against cuDNN.
+"""
+
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import rnnfast
+from rnnfast import backends, ops, reference
+from rnnfast.kernels import backend as tk
+from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, poison_
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(
+    backends.why_unavailable("triton", ops.layer_spec("gru", torch.zeros(1, 1, 1, device=DEVICE),
+                                                      torch.zeros(3, 1, device=DEVICE), None, None, None)) is not None,
+    reason="the Triton backend cannot run here: " + str(backends.why_unavailable(
+        "triton", ops.layer_spec("gru", torch.zeros(1, 1, 1, device=DEVICE), torch.zeros(3, 1, device=DEVICE), None,
+                                 None, None))))
+
+# Odd sizes: H=37 is split into three 16-wide slices and three 16-deep K tiles in the multi-program plans, B=20
+# into two batch tiles; lengths cover 0, 1 and T.
+T, I, H = 7, 5, 37
+LENGTHS = [7, 3, 0, 1, 7, 2, 5, 6, 4, 1, 7, 7, 3, 2, 1, 6, 5, 4, 7, 2]
+# (schedule, batch, plan arguments): one program per batch tile in one launch; several per tile, one launch a step.
+PLANS = {
+    "persistent-1": ("persistent", 3, dict()),
+    "step-multi": ("step", 20, dict(schedule="step", block_b=16, block_h=16, block_k=16, block_i=16)),
+}
+
+
+def _inputs(cell, B, dtype, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = make_layer_inputs(cell, T, B, I, H, dtype=dtype, lengths=lengths, generator=g, scale=0.25)
+    return {k: v.to(DEVICE) for k, v in a.items()}
+
+
+def _run(cell, a, reverse, mode, plan):
+    """Forward and backward through the launchers with outputs poisoned first; gradients of a random projection."""
+    fused = mode == "fused"
+    y, h_n, c_n, ws = tk.forward(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a.get("b_ih"),
+                                 a.get("b_hh"), a.get("lengths"), reverse, fused=fused, plan=plan)
+    g = torch.Generator().manual_seed(7)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
+    gh = torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(y)
+    gc = torch.randn(c_n.shape, generator=g, dtype=torch.float64).to(y) if c_n is not None else None
+    grads = tk.backward(cell, gy, gh, gc, a["x"], a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("lengths"), reverse,
+                        ws, plan=plan)
+    return (y, h_n, c_n), grads, (gy, gh, gc)
+
+
+def _reference(cell, a, reverse, upstream):
+    f = lambda t: t.double() if t is not None else None  # noqa: E731
+    a64 = {k: (f(v) if v.is_floating_point() else v) for k, v in a.items()}
+    args = (a64["x"], a64["h0"], a64.get("c0"), a64["w_ih"], a64["w_hh"], a64.get("b_ih"), a64.get("b_hh"), None,
+            a64.get("lengths"), reverse)
+    outs = reference.layer_forward(cell, *args)
+    gy, gh, gc = (f(u) for u in upstream)
+    grads = reference.layer_backward(cell, gy, gh, gc, *args)
+    return outs, grads
+
+
+GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty and friends return NaN-filled tensors, so an element a kernel forgot to write fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(real_empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("mode", ["hoisted", "fused"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_kernels_match_reference(cell, mode, plan_name, dtype, poisoned):
+    schedule, B, plan_kw = PLANS[plan_name]
+    # Both directions for every cell, alternating over the (mode, schedule) pairs to keep the interpreter time down.
+    reverse = (mode == "fused") != (schedule == "step")
+    a = _inputs(cell, B, dtype, LENGTHS[:B], seed=zlib.crc32(f"{cell}-{mode}-{plan_name}".encode()))
+    plan = tk.make_plan(cell, DEVICE, B, I, H, **plan_kw)
+    assert plan.schedule == schedule
+    outs, grads, upstream = _run(cell, a, reverse, mode, plan)
+    ref_outs, ref_grads = _reference(cell, a, reverse, upstream)
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref_outs):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close(o, r, msg=f"{name}")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert_close(g, r, msg=f"gradient of {name}")
+
+
+def test_padded_steps_output_zeros_and_keep_the_state():
+    """Independent of the reference: a sequence of length 0 outputs zeros and returns its initial state."""
+    a = _inputs("lstm", 3, torch.float64, [T, 0, 2], seed=3)
+    (y, h_n, c_n), _, _ = _run("lstm", a, True, "fused", tk.make_plan("lstm", DEVICE, 3, I, H))
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+    assert torch.equal(y[2:, 2], torch.zeros_like(y[2:, 2]))
+    assert torch.equal(h_n[1], a["h0"][1]) and torch.equal(c_n[1], a["c0"][1])
+    assert not torch.equal(y[:2, 2], torch.zeros_like(y[:2, 2]))
+
+
+@pytest.mark.parametrize("mode", ["hoisted", "fused"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_float64(cell, mode):
+    a = make_layer_inputs(cell, 3, 2, 2, 3, requires_grad=True, lengths=[3, 1])
+    a = {k: (v.detach().to(DEVICE).requires_grad_() if v.is_floating_point() else v.to(DEVICE))
+         for k, v in a.items()}
+    fn = ops.LAYER_FUNCTIONS[cell]
+    keys = [k for k in GRAD_NAMES if k in a]
+    reverse = mode == "fused"
+
+    def f(*tensors):
+        return fn(**dict(zip(keys, tensors)), lengths=a["lengths"], reverse=reverse, backend=f"triton:{mode}")
+
+    # fast_mode checks a random projection of the Jacobian: every input and output still takes part.
+    assert torch.autograd.gradcheck(f, [a[k] for k in keys], fast_mode=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck(cell):
+    a = {k: v.to(DEVICE) for k, v in make_layer_inputs(cell, 3, 2, 3, 4, lengths=[3, 1], requires_grad=True).items()}
+    fwd, _ = ops.OPS[cell]
+    if cell == "lstm":
+        args = (a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None, a["lengths"], True,
+                "triton:fused")
+    else:
+        args = (a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], True, "triton:fused")
+    torch.library.opcheck(fwd, args)
+
+
+@pytest.mark.parametrize("kind,cls,kw", [
+    ("lstm", "LSTM", dict(num_layers=2, bidirectional=True)),
+    ("gru", "GRU", dict(batch_first=True)),
+    ("rnn_relu", "RNN", dict(nonlinearity="relu", bias=False)),
+])
+def test_modules_match_torch_nn_with_packed_sequences(kind, cls, kw):
+    torch.manual_seed(0)
+    ours = getattr(rnnfast.nn, cls)(4, 6, dtype=torch.float64, device=DEVICE, backend="triton", **kw)
+    theirs = getattr(torch.nn, cls)(4, 6, dtype=torch.float64, device=DEVICE, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    bf = kw.get("batch_first", False)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, device=DEVICE) if bf else \
+        torch.randn(5, 3, 4, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([5, 2, 4])
+    outs, grads = [], []
+    for m in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, batch_first=bf, enforce_sorted=False)
+        out, hn = m(packed)
+        hn = hn if isinstance(hn, tuple) else (hn,)
+        loss = out.data.square().sum() + sum(h.sum() for h in hn)
+        m.zero_grad()
+        loss.backward()
+        outs.append([out.data, *hn])
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*outs):
+        assert_close(a, b)
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
+def test_compile_fullgraph_with_the_triton_backend():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = rnnfast.nn.GRU(3, 5, dtype=torch.float64, device=DEVICE, backend="triton:hoisted")
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    out_c, h_c = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    out_e, h_e = m(x)
+    assert_close(out_c, out_e)
+    assert_close(h_c, h_e)
+
+
+# -- refusals: an explicit request that cannot run says why; nothing falls back -----------------------------------
+
+def test_projection_is_refused_with_the_reason():
+    a = {k: v.to(DEVICE) for k, v in make_layer_inputs("lstm", 3, 2, 3, 4, proj=2).items()}
+    with pytest.raises(backends.BackendUnavailableError, match="proj_size"):
+        ops.lstm(**a, backend="triton")
+    # auto moves on to a backend that can run it.
+    y, _, _ = ops.lstm(**a, backend="auto")
+    assert y.shape == (3, 2, 2)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter limits")
+def test_interpreter_limits_are_refused():
+    a = make_layer_inputs("gru", 3, 2, 3, 4, dtype=torch.bfloat16)
+    with pytest.raises(backends.BackendUnavailableError, match="bfloat16"):
+        ops.gru(**a, backend="triton")
+    with pytest.raises(ValueError, match="interpreter"):
+        tk.make_plan("gru", DEVICE, 2, 3, 40, schedule="persistent", block_h=16)
+    spec = ops.layer_spec("gru", a["x"].float(), a["w_hh"].float(), None, None, None)
+    assert backends.why_unavailable("triton", spec) is None
+    assert "interpreter" in backends.why_unavailable("triton", spec, for_auto=True)
+    assert backends.select("auto", spec) != "triton"
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ValueError, match="schedule"):
+        tk.make_plan("lstm", DEVICE, 2, 3, 4, schedule="eager")
+    with pytest.raises(ValueError, match="block_h"):
+        tk.make_plan("lstm", DEVICE, 2, 3, 4, schedule="step", block_h=24)
+
+
+# -- half precision: the error against float64 is at most a small multiple of a same-precision torch run ---------
+
+def _torch_nn_baseline(cell, a):
+    """torch.nn in the inputs' dtype on their device (cuDNN on a GPU): the same-precision PyTorch computation."""
+    cls = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[cell]
+    kw = {"nonlinearity": cell[4:]} if cls == "RNN" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = getattr(torch.nn, cls)(a["x"].shape[2], a["w_hh"].shape[1], device=DEVICE, dtype=a["x"].dtype, **kw)
+    with torch.no_grad():
+        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                          ("bias_hh_l0", "b_hh")):
+            getattr(m, name).copy_(a[key])
+        hx = (a["h0"][None], a["c0"][None]) if cell == "lstm" else a["h0"][None]
+        y, hn = m(a["x"], hx)
+    return y
+
+
+def _half_dtypes():
+    if DEVICE.type == "cuda":
+        return [torch.float16, torch.bfloat16]
+    return [torch.float16]  # the interpreter's bfloat16 dot is wrong (shared/GPU.md)
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", ["hoisted", "fused"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_half_precision_within_baseline(cell, mode, dtype):
+    B = 20
+    a = _inputs(cell, B, dtype, None, seed=11)
+    (y, h_n, _), _, _ = _run(cell, a, False, mode, tk.make_plan(cell, DEVICE, B, I, H))
+    (y64, _, _), _ = _reference(cell, a, False, (torch.zeros_like(y), torch.zeros_like(h_n),
+                                                 torch.zeros_like(h_n) if cell == "lstm" else None))
+    assert y.dtype == dtype
+    assert_within_baseline(y, y64, _torch_nn_baseline(cell, a), msg=f"{cell} {mode} {dtype}")
+
+
+# -- GPU only: the persistent schedule whose programs wait on each other, and sizes the interpreter cannot afford ---
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mode", ["hoisted", "fused"])
+@pytest.mark.parametrize("B,Hb,reverse", [(1, 37, False), (20, 200, True), (64, 512, False)])
+def test_gpu_persistent_barrier_matches_reference(cell, mode, B, Hb, reverse, poisoned):
+    g = torch.Generator().manual_seed(B + Hb)
+    lengths = torch.randint(0, 50, (B,), generator=g).tolist()
+    a = make_layer_inputs(cell, 50, B, 33, Hb, dtype=torch.float32, lengths=lengths, generator=g, scale=0.2)
+    a = {k: v.to(DEVICE) for k, v in a.items()}
+    plan = tk.make_plan(cell, DEVICE, B, 33, Hb, schedule="persistent", block_h=16)
+    assert plan.needs_sync(Hb)
+    y, h_n, c_n, ws = tk.forward(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                 a["lengths"], reverse, fused=mode == "fused", plan=plan)
+    ref = reference.layer_forward(cell, *(a[k].double() if k in a else None for k in ("x", "h0", "c0")),
+                                  a["w_ih"].double(), a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double(),
+                                  None, a["lengths"], reverse)
+    assert_close(y, ref[0])
+    assert_close(h_n, ref[1])
+    gy, gh = torch.randn_like(y), torch.randn_like(h_n)
+    gc = torch.randn_like(c_n) if c_n is not None else None
+    grads = tk.backward(cell, gy, gh, gc, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["lengths"], reverse, ws,
+                        plan=plan)
+    ref_grads = reference.layer_backward(cell, gy.double(), gh.double(), gc.double() if gc is not None else None,
+                                         a["x"].double(), a["h0"].double(),
+                                         a["c0"].double() if "c0" in a else None, a["w_ih"].double(),
+                                         a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double(), None,
+                                         a["lengths"], reverse)
+    for name, gk, r in zip(GRAD_NAMES, grads, ref_grads):
+        if r is not None:
+            assert_close(gk, r, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_default_plan_large(cell):
+    """The plan auto picks on this GPU for a benchmark-sized layer, in bfloat16, against cuDNN's error."""
+    B, Tl, Hl = 16, 256, 768
+    g = torch.Generator().manual_seed(5)
+    a = make_layer_inputs(cell, Tl, B, Hl, Hl, dtype=torch.bfloat16, generator=g, scale=0.05)
+    a = {k: v.to(DEVICE) for k, v in a.items()}
+    y, *_ = ops.LAYER_FUNCTIONS[cell](**a, backend="triton")
+    ref = reference.layer_forward(cell, *(a[k].double() if k in a else None for k in ("x", "h0", "c0")),
+                                  a["w_ih"].double(), a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double())
+    assert_within_baseline(y, ref[0], _torch_nn_baseline(cell, a), msg=cell)
