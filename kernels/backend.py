@@ -21,11 +21,14 @@ from . import layer
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCHEDULES = ("persistent", "step")
-# W_hh stays in registers for the whole sequence when one program's slice (every gate) has at most this many
-# elements and its K extent fits one tile. Untuned: not measured on a GPU yet.
-RESIDENT_MAX_ELEMENTS = 16384
+# Tile limits from the compiler's register report for sm_90 (`python -m rnnfast.kernels.aot`), not from timings:
+# with 8 warps and 32-deep K tiles the forward and backward kernels of every cell fit in registers without
+# spilling for batch tiles up to 64; a W_hh slice kept in registers for the whole sequence (every gate, K <= 128)
+# fits only beside a 16-row batch tile. Speed is not measured on a GPU yet.
 RESIDENT_MAX_K = 128
-NUM_WARPS = 4
+RESIDENT_MAX_BLOCK_B = 16
+STREAM_BLOCK_K = 32
+NUM_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Plan:
     block_k: int  # K tile of the recurrent product
     block_i: int  # K tile of the fused input product
     w_resident: bool  # W_hh slice loaded once and kept for every step
+    num_warps: int = NUM_WARPS
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_h)
@@ -63,28 +67,33 @@ def _resident_program_limit(device: torch.device) -> int | None:
 
 def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, schedule: str | None = None,
               block_b: int | None = None, block_h: int | None = None, block_k: int | None = None,
-              block_i: int | None = None) -> Plan:
-    """Choose tiles and schedule; explicit arguments are honoured or refused with the reason."""
+              block_i: int | None = None, sm_count: int | None = None) -> Plan:
+    """Choose tiles and schedule; explicit arguments are honoured or refused with the reason.
+
+    ``sm_count`` stands in for the device's multiprocessor count (to plan for a GPU from a machine without one).
+    """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     NG = GATES[cell]
     block_b = _pow2(B, hi=64) if block_b is None else block_b
     n_bt = triton.cdiv(B, block_b)
-    limit = _resident_program_limit(device)
+    limit = sm_count if sm_count is not None else _resident_program_limit(device)
     if block_h is None:
         if limit is None:
             block_h = _pow2(H)  # one program per batch tile: the interpreter runs it without a grid barrier
         else:
-            # The most programs (smallest slice) that can all be resident; else the per-step schedule.
+            # The most programs (smallest slice) that can all be resident; else the per-step schedule, whose
+            # programs need not be resident together.
             fitting = [bh for bh in (16, 32, 64, 128) if n_bt * triton.cdiv(H, bh) <= limit]
             if fitting and schedule != "step":
                 block_h, schedule = fitting[0], schedule or "persistent"
             else:
-                block_h, schedule = min(_pow2(H), 64), schedule or "step"
+                block_h, schedule = 16, schedule or "step"
     schedule = schedule or "persistent"
     K_full = _pow2(H)
-    w_resident = block_k in (None, K_full) and K_full <= RESIDENT_MAX_K and NG * K_full * block_h <= RESIDENT_MAX_ELEMENTS
-    block_k = K_full if w_resident else (block_k or min(K_full, 64))
+    w_resident = (block_k in (None, K_full) and K_full <= RESIDENT_MAX_K and block_b <= RESIDENT_MAX_BLOCK_B
+                  and block_h <= 16)
+    block_k = K_full if w_resident else (block_k or min(K_full, STREAM_BLOCK_K))
     block_i = block_i or _pow2(I, hi=64)
     for name, v in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k), ("block_i", block_i)):
         if v < 16 or v & (v - 1):
@@ -108,14 +117,36 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def forward_meta(cell: str, plan: Plan, H: int, *, fused: bool, reverse: bool, has_len: bool, has_bias: bool,
+                 precision: str) -> dict:
+    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_forward_kernel` (and ``num_warps``)."""
+    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=_gate_planes(cell), FUSED=bool(fused),
+                REVERSE=bool(reverse), HAS_LEN=bool(has_len), HAS_BIAS=bool(has_bias), BLOCK_B=plan.block_b,
+                BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_I=plan.block_i, W_RESIDENT=plan.w_resident,
+                PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H), PRECISION=precision,
+                num_warps=plan.num_warps)
+
+
+def backward_meta(cell: str, plan: Plan, H: int, *, reverse: bool, has_len: bool, precision: str) -> dict:
+    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_backward_kernel` (and ``num_warps``)."""
+    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=_gate_planes(cell), REVERSE=bool(reverse),
+                HAS_LEN=bool(has_len), BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
+                W_RESIDENT=plan.w_resident, PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H),
+                PRECISION=precision, num_warps=plan.num_warps)
+
+
+def _gate_planes(cell: str) -> int:
+    # GRU keeps a fourth plane: the hidden part of n's pre-activation, which the r gradient needs.
+    return 4 if cell == "gru" else GATES[cell]
+
+
 def workspace_numel(cell: str, T: int, B: int, H: int) -> int:
-    GW = 4 if cell == "gru" else GATES[cell]
-    planes = GW + 1 + (1 if cell == "lstm" else 0)  # gates, hs, cs
+    planes = _gate_planes(cell) + 1 + (1 if cell == "lstm" else 0)  # gates, hs, cs
     return T * B * H * planes
 
 
 def _split_workspace(cell: str, ws: torch.Tensor, T: int, B: int, H: int):
-    GW = 4 if cell == "gru" else GATES[cell]
+    GW = _gate_planes(cell)
     n = T * B * H
     gates = ws[: GW * n].view(T, B, GW * H)
     hs = ws[GW * n:(GW + 1) * n].view(T, B, H)
@@ -149,6 +180,7 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused:
     NG = GATES[cell]
     dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
     plan = plan or make_plan(cell, dev, B, I, H)
+    precision = _precision(dt, dev)
     y = torch.empty(T, B, H, dtype=dt, device=dev)
     h_n = torch.empty(B, H, dtype=dt, device=dev)
     c_n = torch.empty(B, H, dtype=dt, device=dev) if cell == "lstm" else None
@@ -176,11 +208,8 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused:
     args = (x, gx, w_ih, w_hh, ws if b is None else b, ws if b_hn is None else b_hn,
             ws if lengths is None else lengths, hs, ws if cs is None else cs, gates, y, h_n,
             ws if c_n is None else c_n, sync)
-    meta = dict(CELL=layer.CELL_IDS[cell], NG=NG, GW=gates.shape[2] // H, FUSED=fused, REVERSE=bool(reverse),
-                HAS_LEN=lengths is not None, HAS_BIAS=b is not None, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h,
-                BLOCK_K=plan.block_k, BLOCK_I=plan.block_i, W_RESIDENT=plan.w_resident,
-                PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H),
-                PRECISION=_precision(dt, dev), num_warps=NUM_WARPS)
+    meta = forward_meta(cell, plan, H, fused=fused, reverse=reverse, has_len=lengths is not None,
+                        has_bias=b is not None, precision=precision)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _launch(layer.layer_forward_kernel, plan.grid(B, H), plan, T,
                 lambda s, n: (T, B, I, H, s, n), args, meta)
@@ -204,10 +233,8 @@ def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, rev
         sync = torch.zeros(plan.grid(B, H)[0], dtype=torch.int32, device=dev)
         args = (grad_y.contiguous(), w_hh.contiguous(), ws if lengths is None else lengths, hs,
                 ws if cs is None else cs, gates, d_in, d_hid, dh, ws if dc is None else dc, sync)
-        meta = dict(CELL=layer.CELL_IDS[cell], NG=NG, GW=gates.shape[2] // H, REVERSE=bool(reverse),
-                    HAS_LEN=lengths is not None, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
-                    W_RESIDENT=plan.w_resident, PERSISTENT=plan.schedule == "persistent",
-                    SYNC=plan.needs_sync(H), PRECISION=_precision(dt, dev), num_warps=NUM_WARPS)
+        meta = backward_meta(cell, plan, H, reverse=reverse, has_len=lengths is not None,
+                             precision=_precision(dt, dev))
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             _launch(layer.layer_backward_kernel, plan.grid(B, H), plan, T, lambda r, n: (T, B, H, r, n), args, meta)
     # The last forward step's gate gradients still have to pass through W_hh to reach h0.

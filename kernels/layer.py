@@ -34,8 +34,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-RNN_TANH, RNN_RELU, GRU, LSTM = 0, 1, 2, 3
-CELL_IDS = {"rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU, "gru": GRU, "lstm": LSTM}
+CELL_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2, "lstm": 3}
+# Globals a kernel reads must be constexpr objects.
+RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
+RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
+GRU = tl.constexpr(CELL_IDS["gru"])
+LSTM = tl.constexpr(CELL_IDS["lstm"])
 
 
 @triton.jit
