@@ -65,39 +65,34 @@ def _row_tile(base, stride, offs_b, mask_b, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _w_tiles(w_ptr, w_stride, k0, K, H, offs_h, mask_h, NG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per gate g < NG, the (BLOCK_K, BLOCK_H) tile ``W[g*H + offs_h, k0:k0+BLOCK_K]^T`` (forward operand)."""
+def _gate_tiles(w_ptr, stride_k, stride_h, gate_stride, k0, K, offs_h, mask_h, NG: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Per gate g < NG, the (BLOCK_K, BLOCK_H) tile at ``w_ptr + g*gate_stride + k*stride_k + h*stride_h``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_k < K)[:, None] & mask_h[None, :]
-    p = w_ptr + offs_h[None, :] * w_stride + offs_k[:, None]
+    p = w_ptr + offs_k[:, None] * stride_k + offs_h[None, :] * stride_h
     w0 = tl.load(p, mask=mask, other=0.0)
     w1 = w0
     w2 = w0
     w3 = w0
     if NG > 1:
-        w1 = tl.load(p + H * w_stride, mask=mask, other=0.0)
-        w2 = tl.load(p + 2 * H * w_stride, mask=mask, other=0.0)
+        w1 = tl.load(p + gate_stride, mask=mask, other=0.0)
+        w2 = tl.load(p + 2 * gate_stride, mask=mask, other=0.0)
     if NG > 3:
-        w3 = tl.load(p + 3 * H * w_stride, mask=mask, other=0.0)
+        w3 = tl.load(p + 3 * gate_stride, mask=mask, other=0.0)
     return w0, w1, w2, w3
 
 
 @triton.jit
+def _w_tiles(w_ptr, w_stride, k0, K, H, offs_h, mask_h, NG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Forward operand: per gate, ``W[g*H + offs_h, k0:k0+BLOCK_K]^T`` of a row-major (NG*H, K) weight."""
+    return _gate_tiles(w_ptr, 1, w_stride, H * w_stride, k0, K, offs_h, mask_h, NG, BLOCK_K)
+
+
+@triton.jit
 def _wt_tiles(w_ptr, k0, H, offs_h, mask_h, NG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per gate g < NG, the (BLOCK_K, BLOCK_H) tile ``W_hh[g*H + k0 + k, offs_h]`` (backward operand, W_hh^T)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_k < H)[:, None] & mask_h[None, :]
-    p = w_ptr + offs_k[:, None] * H + offs_h[None, :]
-    w0 = tl.load(p, mask=mask, other=0.0)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if NG > 1:
-        w1 = tl.load(p + H * H, mask=mask, other=0.0)
-        w2 = tl.load(p + 2 * H * H, mask=mask, other=0.0)
-    if NG > 3:
-        w3 = tl.load(p + 3 * H * H, mask=mask, other=0.0)
-    return w0, w1, w2, w3
+    """Backward operand (W_hh^T): per gate, ``W_hh[g*H + k0 + k, offs_h]`` of the (NG*H, H) weight."""
+    return _gate_tiles(w_ptr, H, 1, H * H, k0, H, offs_h, mask_h, NG, BLOCK_K)
 
 
 @triton.jit
