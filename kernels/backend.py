@@ -15,6 +15,7 @@ import triton
 
 from ..backends import Backend, register
 from ..reference import GATES, compute_dtype
+from ..workspace import fold_biases, gate_planes, split_workspace, workspace_numel
 from . import layer
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
@@ -120,7 +121,7 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 def forward_meta(cell: str, plan: Plan, H: int, *, fused: bool, reverse: bool, has_len: bool, has_bias: bool,
                  precision: str) -> dict:
     """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_forward_kernel` (and ``num_warps``)."""
-    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=_gate_planes(cell), FUSED=bool(fused),
+    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=gate_planes(cell), FUSED=bool(fused),
                 REVERSE=bool(reverse), HAS_LEN=bool(has_len), HAS_BIAS=bool(has_bias), BLOCK_B=plan.block_b,
                 BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_I=plan.block_i, W_RESIDENT=plan.w_resident,
                 PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H), PRECISION=precision,
@@ -129,40 +130,18 @@ def forward_meta(cell: str, plan: Plan, H: int, *, fused: bool, reverse: bool, h
 
 def backward_meta(cell: str, plan: Plan, H: int, *, reverse: bool, has_len: bool, precision: str) -> dict:
     """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_backward_kernel` (and ``num_warps``)."""
-    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=_gate_planes(cell), REVERSE=bool(reverse),
+    return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=gate_planes(cell), REVERSE=bool(reverse),
                 HAS_LEN=bool(has_len), BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
                 W_RESIDENT=plan.w_resident, PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H),
                 PRECISION=precision, num_warps=plan.num_warps)
 
 
-def _gate_planes(cell: str) -> int:
-    # GRU keeps a fourth plane: the hidden part of n's pre-activation, which the r gradient needs.
-    return 4 if cell == "gru" else GATES[cell]
 
 
-def workspace_numel(cell: str, T: int, B: int, H: int) -> int:
-    planes = _gate_planes(cell) + 1 + (1 if cell == "lstm" else 0)  # gates, hs, cs
-    return T * B * H * planes
 
 
-def _split_workspace(cell: str, ws: torch.Tensor, T: int, B: int, H: int):
-    GW = _gate_planes(cell)
-    n = T * B * H
-    gates = ws[: GW * n].view(T, B, GW * H)
-    hs = ws[GW * n:(GW + 1) * n].view(T, B, H)
-    cs = ws[(GW + 1) * n:(GW + 2) * n].view(T, B, H) if cell == "lstm" else None
-    return gates, hs, cs
 
 
-def _biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):
-    """(b, b_hn): the biases summed per gate (GRU's n gate: b_in only) and GRU's b_hn, in the compute dtype."""
-    if b_ih is None:
-        return None, None
-    b = b_ih.to(ct) + b_hh.to(ct)
-    if cell == "gru":
-        b[2 * H:] = b_ih[2 * H:]
-        return b, b_hh[2 * H:].to(ct).contiguous()
-    return b, None
 
 
 def _launch(kernel, grid, plan: Plan, T: int, steps_args, args, meta):
@@ -187,13 +166,13 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused:
     ws = torch.empty(workspace_numel(cell, T, B, H), dtype=ct, device=dev)
     if B == 0:
         return y, h_n, c_n, ws
-    gates, hs, cs = _split_workspace(cell, ws, T, B, H)
+    gates, hs, cs = split_workspace(cell, ws, T, B, H)
     t0 = T - 1 if reverse else 0
     hs[t0].copy_(h0)
     if cs is not None:
         cs[t0].copy_(c0)
     x, w_ih, w_hh = x.contiguous(), w_ih.contiguous(), w_hh.contiguous()
-    b, b_hn = _biases(cell, b_ih, b_hh, H, ct)
+    b, b_hn = fold_biases(cell, b_ih, b_hh, H, ct)
     gx = ws  # placeholder pointer when unused
     if not fused:
         x2d = x.view(T * B, I)
@@ -224,7 +203,7 @@ def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, rev
     NG = GATES[cell]
     dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
     plan = plan or make_plan(cell, dev, B, I, H)
-    gates, hs, cs = _split_workspace(cell, ws, T, B, H)
+    gates, hs, cs = split_workspace(cell, ws, T, B, H)
     d_in = torch.empty(T, B, NG * H, dtype=ct, device=dev)
     d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
     dh = grad_h_n.to(ct).contiguous().clone()

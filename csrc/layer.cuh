@@ -1,0 +1,555 @@
+// Persistent whole-sequence kernels for one layer in one direction, templated on the cell and dtype.
+//
+// Work split (forward and backward alike): block `blk` owns hidden units [blk*HB, blk*HB + HB) with every gate
+// of those units and the whole batch, for the whole sequence. Its slice of W_hh stays in shared memory from the
+// first step to the last. Blocks exchange the state through global memory, one slot per step, and wait for each
+// other with a cooperative-groups grid barrier, so the grid must be co-resident (cooperative launch, checked).
+//
+// Arithmetic: operands in the layer's dtype, products and sums in acc_t (float for half types and float32,
+// double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. The forward's recurrent
+// product runs on tensor cores (WMMA 16x16x16, fp32 accumulation) for float16/bfloat16 when the caller asks and
+// the tiles fit shared memory: h_{t-1} is then rounded to the layer's dtype for the product, as cuDNN does. Every
+// other product (float32, float64, the fused input part, the backward) is a plain FMA loop, one warp per
+// (sequence, chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "rnnfast.h"
+
+namespace rnnfast_cuda {
+
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = kThreads / 32;
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* x;
+  const acc_t* gx;  // null in fused mode
+  const scalar_t* w_ih;
+  const scalar_t* w_hh;
+  const acc_t* bias;  // null without bias, and in hoisted mode (gx holds it)
+  const acc_t* b_hn;  // GRU only; null without bias
+  const int64_t* lengths;  // null: every sequence has T steps
+  scalar_t* y;
+  scalar_t* h_n;
+  scalar_t* c_n;
+  acc_t* gates;
+  acc_t* hs;
+  acc_t* cs;
+  int T, B, I, H, HB;
+  bool reverse;
+  bool tensor_cores;   // only for float16/bfloat16
+  int m_pad, n_pad, k_pad;  // B, G*HB and H rounded up to 16: the WMMA tile grid
+  int k_ld;  // row stride of both operands in shared memory: k_pad + 8, so that 16 rows fall in different banks
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* grad_y;
+  const scalar_t* w_hh;
+  const int64_t* lengths;
+  const acc_t* gates;
+  const acc_t* hs;
+  const acc_t* cs;
+  acc_t* d_in;
+  acc_t* d_hid;  // == d_in except for GRU
+  acc_t* dh;
+  acc_t* dc;
+  acc_t* direct;
+  int T, B, H, HB;
+  bool reverse;
+};
+
+__device__ __forceinline__ float exp_(float v) { return expf(v); }
+__device__ __forceinline__ double exp_(double v) { return exp(v); }
+__device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_(double v) { return tanh(v); }
+template <typename T>
+__device__ __forceinline__ T sigmoid_(T v) { return T(1) / (T(1) + exp_(-v)); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  // Butterfly: every lane ends with the total.
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// The CUDA type a WMMA fragment takes for each half type (same bits as c10's), void where there is none.
+template <typename scalar_t>
+struct MmaType { using type = void; };
+template <>
+struct MmaType<c10::Half> { using type = __half; };
+template <>
+struct MmaType<c10::BFloat16> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ void from_float(float v, __half* out) { *out = __float2half_rn(v); }
+__device__ __forceinline__ void from_float(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
+
+// Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path keeps it
+// padded [n_pad][k_ld], plus h_{t-1} [m_pad][k_ld] in the layer's dtype and the product [m_pad][n_pad] in fp32.
+inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
+  if (!tensor_cores) return elem * G * HB * H;
+  auto pad = [](size_t n) { return (n + 15) / 16 * 16; };
+  const size_t m = pad(B), n = pad(static_cast<size_t>(G) * HB), k_ld = pad(H) + 8;
+  return elem * (n + m) * k_ld + sizeof(float) * m * n;
+}
+
+__device__ __forceinline__ bool is_active(const int64_t* lengths, int t, int b) {
+  return lengths == nullptr || static_cast<int64_t>(t) < lengths[b];
+}
+
+__host__ __device__ inline size_t mma_product_offset(int m_pad, int n_pad, int k_ld) {
+  return 2 * static_cast<size_t>(n_pad + m_pad) * k_ld;
+}
+
+// The block's recurrent product on tensor cores: prod[m][n] = sum_k h[m][k] W[n][k] for its m_pad x n_pad tile grid,
+// one warp per 16x16 output tile over the whole K. Shared memory: W (operand B) at 0, h rounded to mma_t (operand
+// A, row-major [m_pad][k_ld]) after it, the fp32 product (row-major [m_pad][n_pad]) after that. Ends with a block
+// barrier, so the product is ready for every thread. Columns k_pad..k_ld-1 are never read.
+template <typename mma_t>
+__device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B, int H, int m_pad, int n_pad,
+                                      int k_pad, int k_ld) {
+  namespace wmma = nvcuda::wmma;
+  const mma_t* wt = reinterpret_cast<const mma_t*>(smem);
+  mma_t* at = reinterpret_cast<mma_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
+  float* prod = reinterpret_cast<float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
+  // One warp per row, coalesced. h_{t-1} was written by other blocks before the grid barrier: through L2 (ld.cg),
+  // never a stale L1 line.
+  for (int m = threadIdx.x / 32; m < m_pad; m += blockDim.x / 32) {
+    for (int k = threadIdx.x % 32; k < k_pad; k += 32)
+      from_float(m < B && k < H ? __ldcg(h + static_cast<int64_t>(m) * H + k) : 0.f, &at[m * k_ld + k]);
+  }
+  __syncthreads();
+  const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles;
+  for (int tile = threadIdx.x / 32; tile < tiles; tile += blockDim.x / 32) {
+    const int mt = tile / n_tiles, nt = tile % n_tiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kc = 0; kc < k_pad; kc += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
+      wmma::load_matrix_sync(a, at + static_cast<size_t>(mt) * 16 * k_ld + kc, k_ld);
+      wmma::load_matrix_sync(b, wt + static_cast<size_t>(nt) * 16 * k_ld + kc, k_ld);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(prod + static_cast<size_t>(mt) * 16 * n_pad + nt * 16, acc, n_pad, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// The end of one forward step for sequence b, unit j, given the hidden and input parts of its pre-activations:
+// activations, the saved gates, the state update (a padded step keeps the state) and the outputs.
+template <int CELL, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t>& p, int t, int t_next, bool last,
+                                               int b, int j, const acc_t (&ah)[gates_of(CELL)],
+                                               acc_t (&ax)[gates_of(CELL)], const acc_t* h_row) {
+  constexpr int G = gates_of(CELL);
+  constexpr int GW = gate_planes_of(CELL);
+  const int B = p.B, H = p.H, GH = G * H;
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  const int64_t tb = static_cast<int64_t>(t) * B + b;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (p.gx != nullptr) ax[g] = p.gx[tb * GH + g * H + j];
+    else if (p.bias != nullptr) ax[g] += p.bias[g * H + j];
+  }
+  acc_t* gt = p.gates + tb * GW * H;
+  const acc_t h_prev = __ldcg(h_row + j);
+  acc_t h_new, c_new = acc_t(0), c_prev = acc_t(0);
+  if constexpr (CELL == kRnnTanh) {
+    h_new = tanh_(ax[0] + ah[0]);
+    gt[j] = h_new;
+  } else if constexpr (CELL == kRnnRelu) {
+    const acc_t pre = ax[0] + ah[0];
+    h_new = pre > acc_t(0) ? pre : acc_t(0);
+    gt[j] = h_new;
+  } else if constexpr (CELL == kGru) {
+    const acc_t r = sigmoid_(ax[0] + ah[0]);
+    const acc_t z = sigmoid_(ax[1] + ah[1]);
+    const acc_t gh_n = ah[2] + (p.b_hn != nullptr ? p.b_hn[j] : acc_t(0));
+    const acc_t n = tanh_(ax[2] + r * gh_n);
+    h_new = (acc_t(1) - z) * n + z * h_prev;
+    gt[j] = r;
+    gt[H + j] = z;
+    gt[2 * H + j] = n;
+    gt[3 * H + j] = gh_n;
+  } else {  // LSTM, gates i, f, g, o
+    const acc_t gi = sigmoid_(ax[0] + ah[0]);
+    const acc_t gf = sigmoid_(ax[1] + ah[1]);
+    const acc_t gg = tanh_(ax[2] + ah[2]);
+    const acc_t go = sigmoid_(ax[3] + ah[3]);
+    c_prev = p.cs[t * BH + static_cast<int64_t>(b) * H + j];
+    c_new = gf * c_prev + gi * gg;
+    h_new = go * tanh_(c_new);
+    gt[j] = gi;
+    gt[H + j] = gf;
+    gt[2 * H + j] = gg;
+    gt[3 * H + j] = go;
+  }
+  // A padded step outputs zero and keeps the state.
+  const bool active = is_active(p.lengths, t, b);
+  const acc_t h_out = active ? h_new : h_prev;
+  const int64_t bj = static_cast<int64_t>(b) * H + j;
+  p.y[tb * H + j] = static_cast<scalar_t>(active ? h_new : acc_t(0));
+  if (!last) p.hs[t_next * BH + bj] = h_out;
+  else p.h_n[bj] = static_cast<scalar_t>(h_out);
+  if constexpr (CELL == kLstm) {
+    const acc_t c_out = active ? c_new : c_prev;
+    if (!last) p.cs[t_next * BH + bj] = c_out;
+    else p.c_n[bj] = static_cast<scalar_t>(c_out);
+  }
+}
+
+// One block per multiprocessor is all the plan launches, so the compiler may use up to 255 registers a thread.
+template <typename scalar_t, typename acc_t, int CELL>
+__global__ void __launch_bounds__(kThreads, 1)
+layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
+  constexpr int G = gates_of(CELL);
+  // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
+  constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
+  // W_hh slice, [G][HB][H]: row (g, jl) is W_hh row g*H + j0 + jl; rows past H are zero.
+  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 512.
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
+  cg::grid_group grid = cg::this_grid();
+
+  const int T = p.T, B = p.B, I = p.I, H = p.H, HB = p.HB;
+  const int j0 = blockIdx.x * HB;
+  const int nj = min(HB, H - j0);
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  using mma_t = typename MmaType<scalar_t>::type;
+  constexpr bool kHasMma = !std::is_void_v<mma_t>;
+  const bool tc = kHasMma && p.tensor_cores;
+  if (!tc) {
+    for (int idx = threadIdx.x; idx < G * HB * H; idx += blockDim.x) {
+      const int k = idx % H, row = idx / H, g = row / HB, jl = row % HB;
+      w_s[idx] = jl < nj ? p.w_hh[static_cast<int64_t>(g * H + j0 + jl) * H + k] : scalar_t(0);
+    }
+  }
+  if constexpr (kHasMma) {
+    if (tc) {
+      // WMMA operand B, column-major [n_pad][k_ld]: column n = g*HB + jl is W_hh row g*H + j0 + jl, zero-padded.
+      mma_t* wt = reinterpret_cast<mma_t*>(smem_raw);
+      const mma_t* w_hh = reinterpret_cast<const mma_t*>(p.w_hh);
+      for (int idx = threadIdx.x; idx < p.n_pad * p.k_pad; idx += blockDim.x) {
+        const int n = idx / p.k_pad, k = idx % p.k_pad, g = n / HB, jl = n % HB;
+        if (n < G * HB && jl < nj && k < H) wt[n * p.k_ld + k] = w_hh[static_cast<int64_t>(g * H + j0 + jl) * H + k];
+        else from_float(0.f, &wt[n * p.k_ld + k]);
+      }
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int s = 0; s < T; ++s) {
+    const int t = p.reverse ? T - 1 - s : s;
+    const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
+    const bool last = s == T - 1;
+    // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
+    const acc_t* h_in = p.hs + t * BH;
+    if constexpr (kHasMma) {
+      if (tc) mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld);
+    }
+    // One warp per (sequence, chunk of kUnits own units): every h_{t-1} and x_t element is read once per chunk.
+    const int chunks = (nj + kUnits - 1) / kUnits;
+    for (int item = warp; item < B * chunks; item += kWarps) {
+      const int b = item / chunks, jc = (item % chunks) * kUnits;
+      const acc_t* h_row = h_in + static_cast<int64_t>(b) * H;
+      acc_t ah[kUnits][G], ax[kUnits][G];  // hidden and input parts of the pre-activations
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) ah[u][g] = ax[u][g] = acc_t(0);
+      }
+      if (!tc) {
+        for (int k = lane; k < H; k += 32) {
+          const acc_t hv = __ldcg(h_row + k);
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u) {
+            if (jc + u < nj) {
+#pragma unroll
+              for (int g = 0; g < G; ++g) ah[u][g] += hv * static_cast<acc_t>(w_s[(g * HB + jc + u) * H + k]);
+            }
+          }
+        }
+      }
+      if (p.gx == nullptr) {  // fused: x_t times these units' W_ih rows, here in the step
+        const scalar_t* x_row = p.x + (static_cast<int64_t>(t) * B + b) * I;
+        for (int k = lane; k < I; k += 32) {
+          const acc_t xv = static_cast<acc_t>(x_row[k]);
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u) {
+            if (jc + u < nj) {
+#pragma unroll
+              for (int g = 0; g < G; ++g)
+                ax[u][g] += xv * static_cast<acc_t>(p.w_ih[static_cast<int64_t>(g * H + j0 + jc + u) * I + k]);
+            }
+          }
+        }
+      }
+      // The guards are warp-uniform, so every lane takes part in each shuffle.
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+        if (jc + u < nj) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            if (!tc) ah[u][g] = warp_sum(ah[u][g]);
+            if (p.gx == nullptr) ax[u][g] = warp_sum(ax[u][g]);
+          }
+        }
+      }
+      // Lane u finishes unit jc + u (every lane holds every sum; static indices keep the arrays in registers).
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+        if (lane == u && jc + u < nj) {
+          if (tc) {
+            const float* prod =
+                reinterpret_cast<const float*>(smem_raw + mma_product_offset(p.m_pad, p.n_pad, p.k_ld));
+#pragma unroll
+            for (int g = 0; g < G; ++g) ah[u][g] = static_cast<acc_t>(prod[b * p.n_pad + g * HB + jc + u]);
+          }
+          forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u], h_row);
+        }
+      }
+    }
+    // Every unit of h_t must be written before any block reads it in the next step.
+    if (!last) grid.sync();
+  }
+}
+
+// Reverse time. Per step, phase A (elementwise, the block's own units): gate gradients from dh, dc and the saved
+// gates; phase B (after the grid barrier, since it needs every unit's gate gradients): dh_prev for the block's own
+// units through the W_hh^T slice. Phase B's output feeds only the same block's next phase A, so a block barrier
+// separates them.
+template <typename scalar_t, typename acc_t, int CELL>
+__global__ void __launch_bounds__(kThreads, 1)
+layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
+  constexpr int G = gates_of(CELL);
+  constexpr int GW = gate_planes_of(CELL);
+  constexpr int kUnits = 8;  // units one warp reduces together in phase B
+  // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero.
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
+  cg::grid_group grid = cg::this_grid();
+
+  const int T = p.T, B = p.B, H = p.H, HB = p.HB;
+  const int k0 = blockIdx.x * HB;
+  const int nk = min(HB, H - k0);
+  const int GH = G * H;
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  for (int idx = threadIdx.x; idx < HB * GH; idx += blockDim.x) {
+    const int r = idx % GH, kl = idx / GH;
+    w_s[idx] = kl < nk ? p.w_hh[static_cast<int64_t>(r) * H + k0 + kl] : scalar_t(0);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int s = 0; s < T; ++s) {
+    const int t = p.reverse ? s : T - 1 - s;  // the forward's steps, last first
+
+    // Phase A: one thread per (sequence, own unit).
+    for (int item = threadIdx.x; item < B * nk; item += blockDim.x) {
+      const int b = item / nk, j = k0 + item % nk;
+      const int64_t tb = static_cast<int64_t>(t) * B + b;
+      const int64_t bj = static_cast<int64_t>(b) * H + j;
+      const bool active = is_active(p.lengths, t, b);
+      const acc_t dh_cur = p.dh[bj];
+      const acc_t dh_t = active ? dh_cur + static_cast<acc_t>(p.grad_y[tb * H + j]) : acc_t(0);
+      const acc_t* gt = p.gates + tb * GW * H;
+      acc_t* din = p.d_in + tb * GH;
+      acc_t* dhid = p.d_hid + tb * GH;
+      acc_t direct = acc_t(0);  // the part of dh_prev that does not pass through W_hh
+      if constexpr (CELL == kRnnTanh) {
+        const acc_t g = gt[j];
+        din[j] = dh_t * (acc_t(1) - g * g);
+      } else if constexpr (CELL == kRnnRelu) {
+        din[j] = gt[j] > acc_t(0) ? dh_t : acc_t(0);
+      } else if constexpr (CELL == kGru) {
+        const acc_t r = gt[j], z = gt[H + j], n = gt[2 * H + j], gh_n = gt[3 * H + j];
+        const acc_t h_prev = p.hs[t * BH + bj];
+        const acc_t dn_pre = dh_t * (acc_t(1) - z) * (acc_t(1) - n * n);
+        const acc_t dr_pre = dn_pre * gh_n * r * (acc_t(1) - r);
+        const acc_t dz_pre = dh_t * (h_prev - n) * z * (acc_t(1) - z);
+        din[j] = dr_pre;
+        din[H + j] = dz_pre;
+        din[2 * H + j] = dn_pre;
+        dhid[j] = dr_pre;
+        dhid[H + j] = dz_pre;
+        dhid[2 * H + j] = dn_pre * r;
+        direct = dh_t * z;
+      } else {  // LSTM
+        const acc_t gi = gt[j], gf = gt[H + j], gg = gt[2 * H + j], go = gt[3 * H + j];
+        const acc_t c_prev = p.cs[t * BH + bj];
+        const acc_t tc = tanh_(gf * c_prev + gi * gg);  // c_t again, in acc_t (c_n went out rounded)
+        const acc_t dc_cur = p.dc[bj];
+        const acc_t dct = (active ? dc_cur : acc_t(0)) + dh_t * go * (acc_t(1) - tc * tc);
+        din[j] = dct * gg * gi * (acc_t(1) - gi);
+        din[H + j] = dct * c_prev * gf * (acc_t(1) - gf);
+        din[2 * H + j] = dct * gi * (acc_t(1) - gg * gg);
+        din[3 * H + j] = dh_t * tc * go * (acc_t(1) - go);
+        // A padded step passes the state, and so its gradient, through unchanged.
+        p.dc[bj] = active ? dct * gf : dc_cur;
+      }
+      p.direct[bj] = active ? direct : dh_cur;
+    }
+    // Phase B reads every unit's gate gradients of this step.
+    grid.sync();
+
+    // Phase B: one warp per (sequence, chunk of kUnits own units), each d_hid element read once per chunk:
+    // dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
+    const int chunks = (nk + kUnits - 1) / kUnits;
+    for (int item = warp; item < B * chunks; item += kWarps) {
+      const int b = item / chunks, kc = (item % chunks) * kUnits;
+      const int64_t tb = static_cast<int64_t>(t) * B + b;
+      const acc_t* dr = p.d_hid + tb * GH;
+      acc_t acc[kUnits];
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) acc[u] = acc_t(0);
+      for (int r = lane; r < GH; r += 32) {
+        const acc_t dv = __ldcg(dr + r);
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          if (kc + u < nk) acc[u] += dv * static_cast<acc_t>(w_s[(kc + u) * GH + r]);
+      }
+      const bool active = is_active(p.lengths, t, b);
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+        if (kc + u < nk) {  // warp-uniform: every lane takes part in the shuffles
+          acc[u] = warp_sum(acc[u]);
+          if (lane == u) {
+            const int64_t bk = static_cast<int64_t>(b) * H + k0 + kc + u;
+            p.dh[bk] = active ? p.direct[bk] + acc[u] : p.direct[bk];
+          }
+        }
+      }
+    }
+    // dh and direct of the own units are rewritten by other threads of this block in the next phase A.
+    __syncthreads();
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Refuses, with the reason, a launch whose blocks cannot all be resident at once (the grid barrier would hang).
+inline void check_cooperative(const void* kernel, int64_t blocks, size_t smem, const char* what) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int coop = 0, optin = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TORCH_CHECK(coop, "rnnfast cuda: ", what, ": this GPU does not support cooperative launches");
+  TORCH_CHECK(smem <= static_cast<size_t>(optin), "rnnfast cuda: ", what, ": the W_hh slice of one block needs ",
+              smem, " bytes of shared memory but this GPU allows ", optin, " per block (hidden size too large)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(static_cast<int64_t>(per_sm) * sms >= blocks, "rnnfast cuda: ", what, ": ", blocks,
+              " blocks must be resident at once for the grid barrier, but this GPU holds ", per_sm, " x ", sms);
+}
+
+template <typename T>
+inline T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+template <typename scalar_t, int CELL>
+void launch_forward(const ForwardTensors& a) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  ForwardArgs<scalar_t, acc_t> p;
+  p.x = ptr_or_null<const scalar_t>(a.x);
+  p.gx = ptr_or_null<const acc_t>(a.gx);
+  p.w_ih = ptr_or_null<const scalar_t>(a.w_ih);
+  p.w_hh = ptr_or_null<const scalar_t>(a.w_hh);
+  p.bias = ptr_or_null<const acc_t>(a.bias);
+  p.b_hn = ptr_or_null<const acc_t>(a.b_hn);
+  p.lengths = ptr_or_null<const int64_t>(a.lengths);
+  p.y = ptr_or_null<scalar_t>(a.y);
+  p.h_n = ptr_or_null<scalar_t>(a.h_n);
+  p.c_n = ptr_or_null<scalar_t>(a.c_n);
+  p.gates = ptr_or_null<acc_t>(a.gates);
+  p.hs = ptr_or_null<acc_t>(a.hs);
+  p.cs = ptr_or_null<acc_t>(a.cs);
+  p.T = static_cast<int>(a.x.size(0));
+  p.B = static_cast<int>(a.x.size(1));
+  p.I = static_cast<int>(a.x.size(2));
+  p.H = static_cast<int>(a.w_hh.size(1));
+  p.HB = static_cast<int>(a.block_h);
+  p.reverse = a.reverse;
+  p.tensor_cores = a.tensor_cores && !std::is_void_v<typename MmaType<scalar_t>::type>;
+  p.m_pad = static_cast<int>(ceil_div(p.B, 16) * 16);
+  p.n_pad = static_cast<int>(ceil_div(static_cast<int64_t>(gates_of(CELL)) * p.HB, 16) * 16);
+  p.k_pad = static_cast<int>(ceil_div(p.H, 16) * 16);
+  p.k_ld = p.k_pad + 8;
+  if (p.B == 0 || p.H == 0 || p.T == 0) return;
+  const int64_t blocks = ceil_div(p.H, p.HB);
+  const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
+  const void* kernel = reinterpret_cast<const void*>(&layer_forward_kernel<scalar_t, acc_t, CELL>);
+  check_cooperative(kernel, blocks, smem, "forward");
+  void* args[] = {&p};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args,
+                                             smem, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int CELL>
+void launch_backward(const BackwardTensors& a) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  BackwardArgs<scalar_t, acc_t> p;
+  p.grad_y = ptr_or_null<const scalar_t>(a.grad_y);
+  p.w_hh = ptr_or_null<const scalar_t>(a.w_hh);
+  p.lengths = ptr_or_null<const int64_t>(a.lengths);
+  p.gates = ptr_or_null<const acc_t>(a.gates);
+  p.hs = ptr_or_null<const acc_t>(a.hs);
+  p.cs = ptr_or_null<const acc_t>(a.cs);
+  p.d_in = ptr_or_null<acc_t>(a.d_in);
+  p.d_hid = ptr_or_null<acc_t>(a.d_hid);
+  p.dh = ptr_or_null<acc_t>(a.dh);
+  p.dc = ptr_or_null<acc_t>(a.dc);
+  p.direct = ptr_or_null<acc_t>(a.direct);
+  p.T = static_cast<int>(a.grad_y.size(0));
+  p.B = static_cast<int>(a.grad_y.size(1));
+  p.H = static_cast<int>(a.w_hh.size(1));
+  p.HB = static_cast<int>(a.block_h);
+  p.reverse = a.reverse;
+  if (p.B == 0 || p.H == 0 || p.T == 0) return;
+  const int64_t blocks = ceil_div(p.H, p.HB);
+  const size_t smem = sizeof(scalar_t) * gates_of(CELL) * p.HB * p.H;
+  const void* kernel = reinterpret_cast<const void*>(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>);
+  check_cooperative(kernel, blocks, smem, "backward");
+  void* args[] = {&p};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args,
+                                             smem, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One cell's two host entry points, for the four dtypes.
+#define RNNFAST_DEFINE_CELL(name, CELL)                                                                  \
+  void name##_forward_cuda(const ForwardTensors& a) {                                                    \
+    const c10::cuda::CUDAGuard guard(a.x.device());                                                      \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), #name "_forward",       \
+                                    [&] { launch_forward<scalar_t, CELL>(a); });                         \
+  }                                                                                                      \
+  void name##_backward_recurrent_cuda(const BackwardTensors& a) {                                        \
+    const c10::cuda::CUDAGuard guard(a.grad_y.device());                                                 \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_y.scalar_type(),                    \
+                                    #name "_backward_recurrent",                                         \
+                                    [&] { launch_backward<scalar_t, CELL>(a); });                        \
+  }
+
+}  // namespace rnnfast_cuda

@@ -1,0 +1,44 @@
+"""What the kernel backends (``triton``, ``cuda``) share about a layer: the forward's workspace and bias folding.
+
+Workspace (one flat tensor in the compute dtype: float32 for half inputs, else the input dtype), indexed by time:
+``gates (T, B, GW*H)`` the activated gates (GRU adds a fourth plane, ``W_hn h + b_hn``, which the ``r`` gradient
+needs), ``hs (T, B, H)`` the state entering each step (``h0`` at the first step; carried over padded steps), which
+is also what the ``W_hh`` gradient multiplies, and for LSTM ``cs (T, B, H)``, the same for the cell state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import GATES
+
+
+def gate_planes(cell: str) -> int:
+    """Planes per hidden unit of the workspace's ``gates``."""
+    return 4 if cell == "gru" else GATES[cell]
+
+
+def workspace_numel(cell: str, T: int, B: int, H: int) -> int:
+    return T * B * H * (gate_planes(cell) + 1 + (1 if cell == "lstm" else 0))
+
+
+def split_workspace(cell: str, ws: torch.Tensor, T: int, B: int, H: int):
+    """Views ``(gates, hs, cs)`` of a flat workspace; ``cs`` is None except for LSTM."""
+    GW = gate_planes(cell)
+    n = T * B * H
+    gates = ws[: GW * n].view(T, B, GW * H)
+    hs = ws[GW * n:(GW + 1) * n].view(T, B, H)
+    cs = ws[(GW + 1) * n:(GW + 2) * n].view(T, B, H) if cell == "lstm" else None
+    return gates, hs, cs
+
+
+def fold_biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):
+    """``(b, b_hn)`` in the compute dtype: the biases summed per gate, except GRU's n gate, which gets ``b_in``
+    only because ``r`` multiplies ``W_hn h + b_hn``; and GRU's ``b_hn`` (else None). ``(None, None)`` without bias."""
+    if b_ih is None:
+        return None, None
+    b = b_ih.to(ct) + b_hh.to(ct)
+    if cell == "gru":
+        b[2 * H:] = b_ih[2 * H:]
+        return b, b_hh[2 * H:].to(ct).contiguous()
+    return b, None
