@@ -6,6 +6,7 @@ one program per batch tile. On a GPU the same tests run on CUDA tensors, plus th
 wait on each other (the in-kernel barrier), and float16/bfloat16 against cuDNN.
 """
 
+import math
 import warnings
 import zlib
 
@@ -15,7 +16,7 @@ import torch
 import rnnfast
 from rnnfast import backends, ops, reference
 from rnnfast.kernels import backend as tk
-from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, poison_
+from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -70,19 +71,11 @@ def _reference(cell, a, reverse, upstream):
 GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """torch.empty and friends return NaN-filled tensors, so an element a kernel forgot to write fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(real_empty_like(*a, **k)))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("mode", ["hoisted", "fused"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_kernels_match_reference(cell, mode, plan_name, dtype, poisoned):
+def test_kernels_match_reference(cell, mode, plan_name, dtype, poison_torch_memory):
     schedule, B, plan_kw = PLANS[plan_name]
     # Both directions for every cell, alternating over the (mode, schedule) pairs to keep the interpreter time down.
     reverse = (mode == "fused") != (schedule == "step")
@@ -260,10 +253,12 @@ def test_half_precision_within_baseline(cell, mode, dtype):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("mode", ["hoisted", "fused"])
 @pytest.mark.parametrize("B,Hb,reverse", [(1, 37, False), (20, 200, True), (64, 512, False)])
-def test_gpu_persistent_barrier_matches_reference(cell, mode, B, Hb, reverse, poisoned):
+def test_gpu_persistent_barrier_matches_reference(cell, mode, B, Hb, reverse, poison_torch_memory):
     g = torch.Generator().manual_seed(B + Hb)
     lengths = torch.randint(0, 50, (B,), generator=g).tolist()
-    a = make_layer_inputs(cell, 50, B, 33, Hb, dtype=torch.float32, lengths=lengths, generator=g, scale=0.2)
+    # Weights ~ N(0, (0.5/sqrt(H))^2): the recurrence contracts, so float32 rounding does not grow chaotically.
+    a = make_layer_inputs(cell, 50, B, 33, Hb, dtype=torch.float32, lengths=lengths, generator=g,
+                          scale=0.5 / math.sqrt(Hb))
     a = {k: v.to(DEVICE) for k, v in a.items()}
     plan = tk.make_plan(cell, DEVICE, B, 33, Hb, schedule="persistent", block_h=16)
     assert plan.needs_sync(Hb)
@@ -294,7 +289,7 @@ def test_gpu_default_plan_large(cell):
     """The plan auto picks on this GPU for a benchmark-sized layer, in bfloat16, against cuDNN's error."""
     B, Tl, Hl = 16, 256, 768
     g = torch.Generator().manual_seed(5)
-    a = make_layer_inputs(cell, Tl, B, Hl, Hl, dtype=torch.bfloat16, generator=g, scale=0.05)
+    a = make_layer_inputs(cell, Tl, B, Hl, Hl, dtype=torch.bfloat16, generator=g, scale=0.5 / math.sqrt(Hl))
     a = {k: v.to(DEVICE) for k, v in a.items()}
     y, *_ = ops.LAYER_FUNCTIONS[cell](**a, backend="triton")
     ref = reference.layer_forward(cell, *(a[k].double() if k in a else None for k in ("x", "h0", "c0")),
