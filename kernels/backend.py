@@ -75,7 +75,6 @@ def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, schedu
     """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    NG = GATES[cell]
     block_b = _pow2(B, hi=64) if block_b is None else block_b
     n_bt = triton.cdiv(B, block_b)
     limit = sm_count if sm_count is not None else _resident_program_limit(device)

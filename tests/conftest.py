@@ -104,3 +104,22 @@ def make_layer_inputs(cell, T, B, I, H, proj=0, bias=True, dtype=torch.float64, 
     if lengths is not None:
         args["lengths"] = torch.as_tensor(lengths, dtype=torch.int64)
     return args
+
+
+def torch_nn_layer(cell, a):
+    """A one-layer torch.nn module (cuDNN on a GPU) in ``a["x"]``'s dtype and device holding the layer weights of
+    ``a`` (as made by :func:`make_layer_inputs`): the same-precision PyTorch computation of the layer."""
+    import warnings
+
+    cls = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[cell]
+    kw = {"nonlinearity": cell[4:]} if cls == "RNN" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = getattr(torch.nn, cls)(a["x"].shape[2], a["w_hh"].shape[1], device=a["x"].device, dtype=a["x"].dtype,
+                                   bias="b_ih" in a, **kw)
+    with torch.no_grad():
+        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                          ("bias_hh_l0", "b_hh")):
+            if key in a:
+                getattr(m, name).copy_(a[key])
+    return m

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 import zlib
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import rnnfast
 from rnnfast import backends, build, ops, reference
 from rnnfast import cuda as rc
-from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs
+from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, torch_nn_layer
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
@@ -353,15 +352,7 @@ def test_gpu_blocks_with_several_unit_chunks(library, cell, dtype, H, poisoned_c
 
 def _cudnn(cell, a, reverse, upstream):
     """torch.nn (cuDNN) in the inputs' dtype: outputs and gradients of the same-precision PyTorch computation."""
-    cls = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[cell]
-    kw = {"nonlinearity": cell[4:]} if cls == "RNN" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = getattr(torch.nn, cls)(a["x"].shape[2], a["w_hh"].shape[1], device=DEVICE, dtype=a["x"].dtype, **kw)
-    with torch.no_grad():
-        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
-                          ("bias_hh_l0", "b_hh")):
-            getattr(m, name).copy_(a[key])
+    m = torch_nn_layer(cell, a)
     x = a["x"].detach().clone().requires_grad_()
     h0 = a["h0"].detach().clone().requires_grad_()
     c0 = a["c0"].detach().clone().requires_grad_() if cell == "lstm" else None

@@ -7,7 +7,6 @@ wait on each other (the in-kernel barrier), and float16/bfloat16 against cuDNN.
 """
 
 import math
-import warnings
 import zlib
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 import rnnfast
 from rnnfast import backends, ops, reference
 from rnnfast.kernels import backend as tk
-from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs
+from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, torch_nn_layer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -213,19 +212,10 @@ def test_bad_plans_are_refused():
 # -- half precision: the error against float64 is at most a small multiple of a same-precision torch run ---------
 
 def _torch_nn_baseline(cell, a):
-    """torch.nn in the inputs' dtype on their device (cuDNN on a GPU): the same-precision PyTorch computation."""
-    cls = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "gru": "GRU", "lstm": "LSTM"}[cell]
-    kw = {"nonlinearity": cell[4:]} if cls == "RNN" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = getattr(torch.nn, cls)(a["x"].shape[2], a["w_hh"].shape[1], device=DEVICE, dtype=a["x"].dtype, **kw)
+    """torch.nn's output in the inputs' dtype on their device (cuDNN on a GPU)."""
+    hx = (a["h0"][None], a["c0"][None]) if cell == "lstm" else a["h0"][None]
     with torch.no_grad():
-        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
-                          ("bias_hh_l0", "b_hh")):
-            getattr(m, name).copy_(a[key])
-        hx = (a["h0"][None], a["c0"][None]) if cell == "lstm" else a["h0"][None]
-        y, hn = m(a["x"], hx)
-    return y
+        return torch_nn_layer(cell, a)(a["x"], hx)[0]
 
 
 def _half_dtypes():
