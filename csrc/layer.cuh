@@ -176,7 +176,7 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     gt[j] = h_new;
   } else if constexpr (CELL == kRnnRelu) {
     const acc_t pre = ax[0] + ah[0];
-    h_new = pre > acc_t(0) ? pre : acc_t(0);
+    h_new = pre < acc_t(0) ? acc_t(0) : pre;  // NaN passes through, as torch.relu lets it
     gt[j] = h_new;
   } else if constexpr (CELL == kGru) {
     const acc_t r = sigmoid_(ax[0] + ah[0]);
@@ -223,7 +223,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
   // W_hh slice, [G][HB][H]: row (g, jl) is W_hh row g*H + j0 + jl; rows past H are zero.
-  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 512.
+  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 32 bytes.
   extern __shared__ __align__(128) unsigned char smem_raw[];
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
   cg::grid_group grid = cg::this_grid();
@@ -456,7 +456,8 @@ inline void check_cooperative(const void* kernel, int64_t blocks, size_t smem, c
   TORCH_CHECK(coop, "rnnfast cuda: ", what, ": this GPU does not support cooperative launches");
   TORCH_CHECK(smem <= static_cast<size_t>(optin), "rnnfast cuda: ", what, ": the W_hh slice of one block needs ",
               smem, " bytes of shared memory but this GPU allows ", optin, " per block (hidden size too large)");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // The device maximum, the same for every caller: a per-launch size could race with another host thread's launch.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   TORCH_CHECK(static_cast<int64_t>(per_sm) * sms >= blocks, "rnnfast cuda: ", what, ": ", blocks,

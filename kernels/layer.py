@@ -251,7 +251,8 @@ def layer_forward_kernel(
             tl.store(gates + 2 * H, n, mask=mask_bh)
             tl.store(gates + 3 * H, gh_n, mask=mask_bh)
         elif CELL == RNN_RELU:
-            h_new = tl.maximum(acc0 + in0, 0.0)
+            pre = acc0 + in0
+            h_new = tl.where(pre < 0.0, 0.0, pre)  # NaN passes through, as torch.relu lets it
             tl.store(gates, h_new, mask=mask_bh)
         else:
             h_new = _tanh(acc0 + in0)

@@ -17,6 +17,7 @@ the second loads what the first built.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -147,7 +148,9 @@ def build_dir(archs: list[int]) -> Path:
     base = os.environ.get(ENV_BUILD_DIR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rnnfast")
     key = (f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info.major}{sys.version_info.minor}"
-           f"-sm{'_'.join(map(str, archs))}")
+           f"-sm{'_'.join(map(str, archs))}"
+           # Two checkouts must not share (and relink under each other) one build folder.
+           f"-src{hashlib.sha1(str(source_dir()).encode()).hexdigest()[:8]}")
     return Path(base) / re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 

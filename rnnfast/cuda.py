@@ -211,17 +211,18 @@ def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats:
     device = torch.device(device)
     blocks = blocks or torch.cuda.get_device_properties(device).multi_processor_count
     like = torch.empty(0, device=device)
-    torch.ops.rnnfast_cuda.grid_barrier(like, blocks, 10)
     times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        passed = torch.ops.rnnfast_cuda.grid_barrier(like, blocks, iters)
-        end.record()
-        end.synchronize()
-        if int(passed) != iters:
-            raise RuntimeError(f"grid_barrier passed {int(passed)} barriers, expected {iters}")
-        times.append(start.elapsed_time(end) * 1000.0 / max(iters, 1))
+    with torch.cuda.device(device):  # the events must record on the stream the op launches on
+        torch.ops.rnnfast_cuda.grid_barrier(like, blocks, 10)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            passed = torch.ops.rnnfast_cuda.grid_barrier(like, blocks, iters)
+            end.record()
+            end.synchronize()
+            if int(passed) != iters:
+                raise RuntimeError(f"grid_barrier passed {int(passed)} barriers, expected {iters}")
+            times.append(start.elapsed_time(end) * 1000.0 / max(iters, 1))
     return sorted(times)[len(times) // 2]
 
 
