@@ -285,3 +285,13 @@ def test_gpu_default_plan_large(cell):
     ref = reference.layer_forward(cell, *(a[k].double() if k in a else None for k in ("x", "h0", "c0")),
                                   a["w_ih"].double(), a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double())
     assert_within_baseline(y, ref[0], _torch_nn_baseline(cell, a), msg=cell)
+
+
+def test_tf32_only_when_torch_allows_it(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert tk._precision(torch.float32, cuda) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert tk._precision(torch.float32, cuda) == "tf32"
+    assert tk._precision(torch.float64, cuda) == "ieee"
+    assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"
