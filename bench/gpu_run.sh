@@ -11,6 +11,10 @@
 #                 each step gets at most what is left, so a slow step cannot cost the results of the others
 #   SANITIZE_TOOLS  compute-sanitizer tools to run bench/sanitize.py under (default: racecheck)
 #   PYTEST_BENCH  set to 1 to also run `pytest bench/` (pytest-benchmark, a few minutes) into OUT/pytest-bench.json
+#   STEPS         the steps to run (default: install build tests bench charlm sanitize), to split the work over
+#                 several device calls, e.g. STEPS="install tests" TEST_ARGS=tests/test_triton.py, then STEPS="bench"
+#   TEST_ARGS     what the tests step passes to pytest (default: tests)
+#   TESTS_LIMIT   seconds the tests step may take (default 200)
 #
 # Keeps going after a failing step, records it in OUT/summary.log and exits 1 at the end if any step failed.
 # Commit what comes back under bench/results/<date>-<gpu>/.
@@ -27,6 +31,9 @@ BENCH_ARGS=${BENCH_ARGS:---quick}
 CHARLM_ARGS=${CHARLM_ARGS:-}
 RUN_BUDGET=${RUN_BUDGET:-540}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-racecheck}
+STEPS=" ${STEPS:-install build tests bench charlm sanitize} "
+TEST_ARGS=${TEST_ARGS:-tests}
+TESTS_LIMIT=${TESTS_LIMIT:-200}
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then
     export CUDA_HOME=/usr/local/cuda  # torch otherwise guesses /usr/local and cannot link cudart
 fi
@@ -35,6 +42,8 @@ export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.log"
 : >"$SUMMARY"
 FAILED=()
+
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # step NAME LIMIT_SECONDS COMMAND...: run COMMAND into OUT/NAME.log within min(LIMIT, what is left of the budget).
 step() {
@@ -86,22 +95,23 @@ EOF
 
 versions >"$OUT/env.log" 2>&1
 echo "== env: versions in env.log" | tee -a "$SUMMARY"
-step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
-if [ -f rnnfast/build.py ]; then
+wanted install && step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
+if [ -f rnnfast/build.py ] && wanted build; then
     step build 300 "$PY" -m rnnfast.build
 fi
-step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests
+# -rfE: the failures' names at the end of the log, even when the run is cut short by the step's timeout.
+wanted tests && step tests "$TESTS_LIMIT" "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider $TEST_ARGS
 # Leave about 100 s for the steps after it. The runner measures nothing new past --time-limit and writes what
 # it has (also when `timeout` sends it SIGTERM), so its results survive a slow run.
 limit=$((RUN_BUDGET - SECONDS - 130))
 if [ "$limit" -gt 300 ]; then limit=300; fi
 if [ "$limit" -lt 30 ]; then limit=30; fi
-step bench "$((limit + 60))" "$PY" -m bench $BENCH_ARGS --time-limit "$limit" --out "$OUT"
-step charlm 90 "$PY" -m bench.charlm $CHARLM_ARGS --out "$OUT"
+wanted bench && step bench "$((limit + 60))" "$PY" -m bench $BENCH_ARGS --time-limit "$limit" --out "$OUT"
+wanted charlm && step charlm 90 "$PY" -m bench.charlm $CHARLM_ARGS --out "$OUT"
 if [ "${PYTEST_BENCH:-0}" = 1 ]; then
     step pytest-bench 240 "$PY" -m pytest -q -p no:cacheprovider bench --benchmark-json "$OUT/pytest-bench.json"
 fi
-if [ -f bench/sanitize.py ] && command -v compute-sanitizer >/dev/null; then
+if [ -f bench/sanitize.py ] && command -v compute-sanitizer >/dev/null && wanted sanitize; then
     for tool in $SANITIZE_TOOLS; do
         step "sanitize-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitize
     done
