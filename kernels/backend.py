@@ -15,7 +15,8 @@ import triton
 
 from ..backends import Backend, register
 from ..reference import GATES, compute_dtype
-from ..workspace import fold_biases, gate_planes, split_workspace, workspace_numel
+from ..workspace import (fold_biases, gate_planes, hoisted_input, input_and_weight_grads, split_workspace,
+                         workspace_numel)
 from . import layer
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
@@ -155,7 +156,6 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused:
     """Run the layer. Returns ``(y, h_n, c_n, workspace)`` as :meth:`rnnfast.backends.Backend.forward`."""
     T, B, I = x.shape
     H = w_hh.shape[1]
-    NG = GATES[cell]
     dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
     plan = plan or make_plan(cell, dev, B, I, H)
     precision = _precision(dt, dev)
@@ -174,14 +174,7 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *, fused:
     b, b_hn = fold_biases(cell, b_ih, b_hh, H, ct)
     gx = ws  # placeholder pointer when unused
     if not fused:
-        x2d = x.view(T * B, I)
-        if b is not None and ct == dt:
-            gx = torch.addmm(b, x2d, w_ih.t())
-        else:
-            gx = (x2d @ w_ih.t()).to(ct)
-            if b is not None:
-                gx += b
-        gx = gx.view(T, B, NG * H)
+        gx = hoisted_input(x, w_ih, b, ct)
     sync = torch.zeros(plan.grid(B, H)[0], dtype=torch.int32, device=dev)
     args = (x, gx, w_ih, w_hh, ws if b is None else b, ws if b_hn is None else b_hn,
             ws if lengths is None else lengths, hs, ws if cs is None else cs, gates, y, h_n,
@@ -218,16 +211,7 @@ def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, rev
     # The last forward step's gate gradients still have to pass through W_hh to reach h0.
     t_first = T - 1 if reverse else 0
     dh0 = dh + d_hid[t_first] @ w_hh.to(ct)
-    # Weight, bias and input gradients: GEMMs over all steps, operands in the layer's dtype, fp32 accumulation.
-    flat_in = d_in.view(T * B, NG * H)
-    flat_hid = d_hid.view(T * B, NG * H)
-    lo_in = flat_in.to(dt)
-    lo_hid = lo_in if d_hid is d_in else flat_hid.to(dt)
-    dx = (lo_in @ w_ih).view(T, B, I)
-    dw_ih = lo_in.t() @ x.reshape(T * B, I)
-    dw_hh = lo_hid.t() @ hs.view(T * B, H).to(dt)
-    db_ih = flat_in.sum(0).to(dt) if b_ih is not None else None
-    db_hh = flat_hid.sum(0).to(dt) if b_ih is not None else None
+    dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, w_ih, hs, b_ih is not None)
     return dx, dh0.to(dt), (dc.to(dt) if dc is not None else None), dw_ih, dw_hh, db_ih, db_hh
 
 

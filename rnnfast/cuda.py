@@ -24,7 +24,7 @@ import torch
 
 from .backends import Backend, BackendUnavailableError, register
 from .reference import CELLS, GATES, compute_dtype
-from .workspace import fold_biases, split_workspace, workspace_numel
+from .workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The forward's recurrent product runs on tensor cores (WMMA) for these when its tiles fit shared memory; h_{t-1}
@@ -261,9 +261,7 @@ class CudaBackend(Backend):
         bias, b_hn = fold_biases(cell, b_ih, b_hh, H, ct)
         gx = None
         if self.mode != "fused":
-            # One GEMM over all steps, in the compute dtype so the pre-activations are not rounded to a half type.
-            x2d, w = x.reshape(T * B, I).to(ct), w_ih.to(ct)
-            gx = (torch.addmm(bias, x2d, w.t()) if bias is not None else x2d @ w.t()).view(T, B, GATES[cell] * H)
+            gx = hoisted_input(x, w_ih, bias, ct)
             bias = None
         block_h = _block_h(cell, H, x)
         op = _op(f"{cell}_forward")
@@ -279,10 +277,9 @@ class CudaBackend(Backend):
                  reverse, y, h_n, c_n, workspace):
         _require_cuda(x)
         load_library()
-        T, B, I = x.shape
+        T, B = x.shape[0], x.shape[1]
         H = w_hh.shape[1]
-        dt, ct = x.dtype, compute_dtype(x.dtype)
-        G = GATES[cell]
+        dt = x.dtype
         w_hh = w_hh.contiguous()
         op = _op(f"{cell}_backward_recurrent")
         d_in, d_hid, dh0, dc0 = op(grad_y.to(dt).contiguous(), grad_h_n.to(dt).contiguous(),
@@ -290,14 +287,8 @@ class CudaBackend(Backend):
                                    workspace, _lengths(lengths, x), bool(reverse), _block_h(cell, H, x))
         if cell != "gru":
             d_hid = d_in  # the input and hidden parts of the pre-activation are the same sum
-        # Input, weight and bias gradients: GEMMs over all steps in the compute dtype.
-        flat_in, flat_hid = d_in.view(T * B, G * H), d_hid.view(T * B, G * H)
         _, hs, _ = split_workspace(cell, workspace, T, B, H)
-        dx = (flat_in @ w_ih.to(ct)).view(T, B, I).to(dt)
-        dw_ih = (flat_in.t() @ x.reshape(T * B, I).to(ct)).to(dt)
-        dw_hh = (flat_hid.t() @ hs.reshape(T * B, H)).to(dt)
-        db_ih = flat_in.sum(0).to(dt) if b_ih is not None else None
-        db_hh = flat_hid.sum(0).to(dt) if b_hh is not None else None
+        dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, w_ih, hs, b_ih is not None)
         return dx, dh0.to(dt), (dc0.to(dt) if cell == "lstm" else None), dw_ih, dw_hh, db_ih, db_hh, None
 
 

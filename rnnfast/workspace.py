@@ -42,3 +42,36 @@ def fold_biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):
         b[2 * H:] = b_ih[2 * H:]
         return b, b_hh[2 * H:].to(ct).contiguous()
     return b, None
+
+
+def hoisted_input(x: torch.Tensor, w_ih: torch.Tensor, b: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:
+    """``x @ W_ih^T + b`` for every step as one GEMM, ``(T, B, G*H)`` in the compute dtype: operands in the layer's
+    dtype (tensor cores for half types), fp32 accumulation, the biases added in the compute dtype."""
+    T, B, I = x.shape
+    x2d = x.reshape(T * B, I)
+    if b is not None and ct == x.dtype:
+        gx = torch.addmm(b, x2d, w_ih.t())
+    else:
+        gx = (x2d @ w_ih.t()).to(ct)
+        if b is not None:
+            gx += b
+    return gx.view(T, B, w_ih.shape[0])
+
+
+def input_and_weight_grads(d_in: torch.Tensor, d_hid: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor,
+                           hs: torch.Tensor, has_bias: bool):
+    """``(dx, dw_ih, dw_hh, db_ih, db_hh)`` from the gate gradients of every step, ``d_in``/``d_hid`` ``(T, B, G*H)``
+    in the compute dtype (the same tensor except for GRU), as GEMMs over all steps: operands in the layer's dtype,
+    fp32 accumulation; the bias sums in the compute dtype."""
+    T, B, I = x.shape
+    dt = x.dtype
+    GH, H = d_in.shape[2], hs.shape[2]
+    flat_in, flat_hid = d_in.reshape(T * B, GH), d_hid.reshape(T * B, GH)
+    lo_in = flat_in.to(dt)
+    lo_hid = lo_in if d_hid is d_in else flat_hid.to(dt)
+    dx = (lo_in @ w_ih).view(T, B, I)
+    dw_ih = lo_in.t() @ x.reshape(T * B, I)
+    dw_hh = lo_hid.t() @ hs.reshape(T * B, H).to(dt)
+    db_ih = flat_in.sum(0).to(dt) if has_bias else None
+    db_hh = flat_hid.sum(0).to(dt) if has_bias else None
+    return dx, dw_ih, dw_hh, db_ih, db_hh
