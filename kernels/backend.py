@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..backends import Backend, register
+from ..backends import Backend, fused_layer_problem, register
 from ..reference import GATES, compute_dtype
 from ..workspace import (fold_biases, gate_planes, hoisted_input, input_and_weight_grads, split_workspace,
                          workspace_numel)
@@ -222,11 +222,9 @@ class TritonBackend(Backend):
     modes = ("hoisted", "fused")
 
     def unavailable(self, spec):
-        if spec.proj_size:
-            return ("LSTM with proj_size is not fused: the projection mixes every hidden unit inside the step, "
-                    "which one program's slice does not hold")
-        if spec.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {spec.dtype} is not supported (supported: {', '.join(map(str, SUPPORTED_DTYPES))})"
+        reason = fused_layer_problem(spec, SUPPORTED_DTYPES, "program")
+        if reason is not None:
+            return reason
         if INTERPRETED:
             if spec.device.type != "cpu":
                 return (f"TRITON_INTERPRET is set, so the kernels run on CPU tensors only (got {spec.device}); "

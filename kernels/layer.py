@@ -120,6 +120,25 @@ def _gates_dot(acc0, acc1, acc2, acc3, a_base, offs_b, mask_b, K, w_ptr, H, offs
 
 
 @triton.jit
+def _program_tile(len_ptr, T, B, H, NG: tl.constexpr, GW: tl.constexpr, HAS_LEN: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's sequences and hidden units, their masks, the tile's offsets in (B, H), (B, NG*H) and
+    (B, GW*H) planes (gate 0), and each sequence's length."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    bg = offs_b[:, None] * (NG * H) + offs_h[None, :]
+    bw = offs_b[:, None] * (GW * H) + offs_h[None, :]
+    seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
+    if HAS_LEN:
+        seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=0).to(tl.int32)
+    return offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len
+
+
+@triton.jit
 def _sync(sync_ptr, target, PERSISTENT: tl.constexpr, SYNC: tl.constexpr):
     """End of a step: make this program's stores visible to the programs of its batch tile, then wait for them."""
     if PERSISTENT:
@@ -150,19 +169,9 @@ def layer_forward_kernel(
     the same biases for the fused mode; ``b_hn (H)``: GRU's hidden bias of n, which r multiplies.
     """
     pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_b = offs_b < B
-    mask_h = offs_h < H
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    bh = offs_b[:, None] * H + offs_h[None, :]  # offsets of this tile in a (B, H) plane
-    bg = offs_b[:, None] * (NG * H) + offs_h[None, :]  # ... and in a (B, NG*H) plane, gate 0
-    bw = offs_b[:, None] * (GW * H) + offs_h[None, :]  # ... and in a (B, GW*H) plane, gate 0
+    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len = _program_tile(
+        len_ptr, T, B, H, NG, GW, HAS_LEN, BLOCK_B, BLOCK_H)
     ct = hs_ptr.dtype.element_ty
-    seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
-    if HAS_LEN:
-        seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
 
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=ct)
     bias0 = zero
@@ -287,19 +296,9 @@ def layer_backward_kernel(
     ``d_hid`` is ``d_in`` itself except for GRU.
     """
     pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_b = offs_b < B
-    mask_h = offs_h < H
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    bh = offs_b[:, None] * H + offs_h[None, :]
-    bg = offs_b[:, None] * (NG * H) + offs_h[None, :]
-    bw = offs_b[:, None] * (GW * H) + offs_h[None, :]
+    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len = _program_tile(
+        len_ptr, T, B, H, NG, GW, HAS_LEN, BLOCK_B, BLOCK_H)
     ct = hs_ptr.dtype.element_ty
-    seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
-    if HAS_LEN:
-        seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=ct)
     pending = tl.load(dh_ptr + bh, mask=mask_bh, other=0.0)
     dc = zero

@@ -115,6 +115,17 @@ class ReferenceBackend(Backend):
                                         w_hr, lengths, reverse)
 
 
+def fused_layer_problem(spec: LayerSpec, dtypes: tuple[torch.dtype, ...], unit: str) -> str | None:
+    """What every fused kernel backend refuses, whoever owns a slice of hidden units (``unit``: "program",
+    "block"): LSTM projections, whose product mixes all hidden units inside the step, and other dtypes."""
+    if spec.proj_size:
+        return (f"LSTM with proj_size is not fused: the projection mixes every hidden unit inside the step, "
+                f"which one {unit}'s slice does not hold")
+    if spec.dtype not in dtypes:
+        return f"dtype {spec.dtype} is not supported (supported: {', '.join(map(str, dtypes))})"
+    return None
+
+
 _REGISTRY: dict[str, Backend] = {}
 # Backends that are known by name but failed to load, with the reason (shown when one is asked for).
 _LOAD_ERRORS: dict[str, str] = {}

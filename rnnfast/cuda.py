@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from .backends import Backend, BackendUnavailableError, register
+from .backends import Backend, BackendUnavailableError, fused_layer_problem, register
 from .reference import CELLS, GATES, compute_dtype
 from .workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
 
@@ -233,11 +233,9 @@ class CudaBackend(Backend):
     modes = ("hoisted", "fused")
 
     def unavailable(self, spec):
-        if spec.proj_size:
-            return ("LSTM with proj_size is not fused: the projection mixes every hidden unit inside the step, "
-                    "which one block's slice does not hold")
-        if spec.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {spec.dtype} is not supported (supported: {', '.join(map(str, SUPPORTED_DTYPES))})"
+        reason = fused_layer_problem(spec, SUPPORTED_DTYPES, "block")
+        if reason is not None:
+            return reason
         if spec.device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got {spec.device}"
         reason = _gpu_problem(spec.device.index)

@@ -123,3 +123,36 @@ def torch_nn_layer(cell, a):
             if key in a:
                 getattr(m, name).copy_(a[key])
     return m
+
+
+GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+
+
+def reference_layer(cell, a, reverse, upstream):
+    """The float64 reference of a layer (inputs ``a`` as made by :func:`make_layer_inputs`): ``(outs, grads)``,
+    outputs ``(y, h_n, c_n)`` and the gradients of :data:`GRAD_NAMES` for the upstream ``(gy, gh, gc)``."""
+    from rnnfast import reference
+
+    f = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
+    args = (f(a["x"]), f(a["h0"]), f(a.get("c0")), f(a["w_ih"]), f(a["w_hh"]), f(a.get("b_ih")), f(a.get("b_hh")),
+            None, a.get("lengths"), reverse)
+    outs = reference.layer_forward(cell, *args)
+    grads = reference.layer_backward(cell, *(f(u) for u in upstream), *args)
+    return outs, grads[:7]
+
+
+def assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads):
+    """Outputs ``(y, h_n, c_n)`` and gradients (in :data:`GRAD_NAMES` order) in ``dtype``, of the reference's shapes,
+    within the table's tolerance; None exactly where the reference has None."""
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref_outs):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert_close(o, r, msg=f"{cell} {name}")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert_close(g, r, msg=f"{cell} gradient of {name}")

@@ -24,14 +24,14 @@ import torch
 import rnnfast
 from rnnfast import backends, build, ops, reference
 from rnnfast import cuda as rc
-from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, torch_nn_layer
+from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, make_layer_inputs,
+                      reference_layer, torch_nn_layer)
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 TOOLCHAIN_PROBLEM = build.toolchain_problem()
 # The CPU build compiles for one architecture only; a GPU run builds for the GPU found (build.target_archs).
 CI_ARCHS = "90"
-GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
 MODES = ("hoisted", "fused")
 DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -247,30 +247,6 @@ def _run_backend(cell, a, reverse, mode, upstream):
     return (y, h_n, c_n), grads[:7]
 
 
-def _run_reference(cell, a, reverse, upstream):
-    f = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
-    args = (f(a["x"]), f(a["h0"]), f(a.get("c0")), f(a["w_ih"]), f(a["w_hh"]), f(a.get("b_ih")), f(a.get("b_hh")),
-            None, a.get("lengths"), reverse)
-    outs = reference.layer_forward(cell, *args)
-    grads = reference.layer_backward(cell, *(f(u) for u in upstream), *args)
-    return outs, grads[:7]
-
-
-def _check_against_reference(cell, dtype, outs, grads, ref_outs, ref_grads):
-    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref_outs):
-        if r is None:
-            assert o is None, name
-            continue
-        assert o.dtype == dtype and o.shape == r.shape, name
-        assert_close(o, r, msg=f"{cell} {name}")
-    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-        if r is None:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype and g.shape == r.shape, name
-        assert_close(g, r, msg=f"{cell} gradient of {name}")
-
-
 @pytest.fixture
 def poisoned_cuda(poison_torch_memory):
     """Python allocations return NaN (conftest), and so do the C++ ones: the caching allocator hands out blocks
@@ -298,8 +274,8 @@ def test_gpu_matches_reference(library, cell, dtype, mode, reverse, lengths, poi
     a = _inputs(cell, T, B, I, H, dtype, lengths=LENGTHS if lengths else None, seed=seed)
     up = _upstream(cell, T, B, H, dtype)
     outs, grads = _run_backend(cell, a, reverse, mode, up)
-    ref_outs, ref_grads = _run_reference(cell, a, reverse, up)
-    _check_against_reference(cell, dtype, outs, grads, ref_outs, ref_grads)
+    ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+    assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
 
 
 @pytest.mark.gpu
@@ -313,8 +289,8 @@ def test_gpu_odd_sizes(library, cell, mode, T, B, I, H, poisoned_cuda):
     up = _upstream(cell, T, B, H, torch.float64)
     for reverse in (False, True):
         outs, grads = _run_backend(cell, a, reverse, mode, up)
-        ref_outs, ref_grads = _run_reference(cell, a, reverse, up)
-        _check_against_reference(cell, torch.float64, outs, grads, ref_outs, ref_grads)
+        ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+        assert_layer_matches(cell, torch.float64, outs, grads, ref_outs, ref_grads)
 
 
 @pytest.mark.gpu
@@ -330,8 +306,8 @@ def test_gpu_no_bias_and_many_blocks(library, cell):
     up = _upstream(cell, T, B, H, torch.float32)
     for mode, reverse in (("hoisted", True), ("fused", False)):
         outs, grads = _run_backend(cell, a, reverse, mode, up)
-        ref_outs, ref_grads = _run_reference(cell, a, reverse, up)
-        _check_against_reference(cell, torch.float32, outs, grads, ref_outs, ref_grads)
+        ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+        assert_layer_matches(cell, torch.float32, outs, grads, ref_outs, ref_grads)
 
 
 @pytest.mark.gpu
@@ -346,8 +322,8 @@ def test_gpu_blocks_with_several_unit_chunks(library, cell, dtype, H, poisoned_c
     up = _upstream(cell, T, B, H, dtype)
     for mode, reverse in (("hoisted", False), ("fused", True)):
         outs, grads = _run_backend(cell, a, reverse, mode, up)
-        ref_outs, ref_grads = _run_reference(cell, a, reverse, up)
-        _check_against_reference(cell, dtype, outs, grads, ref_outs, ref_grads)
+        ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
 
 
 def _cudnn(cell, a, reverse, upstream):
@@ -388,7 +364,7 @@ def test_gpu_half_precision_within_cudnn_baseline(library, cell, dtype, mode, re
                 scale=0.5 / math.sqrt(H))
     up = _upstream(cell, T, B, H, dtype)
     outs, grads = _run_backend(cell, a, reverse, mode, up)
-    ref_outs, ref_grads = _run_reference(cell, a, reverse, up)
+    ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
     base_outs, base_grads = _cudnn(cell, a, reverse, up)
     for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
                              base_outs + base_grads):
@@ -412,7 +388,7 @@ def test_gpu_tensor_cores_at_benchmark_size(library, cell):
             torch.zeros(B, H, dtype=torch.bfloat16, device=DEVICE) if cell == "lstm" else None)
     y, h_n, _, _ = backends.get("cuda").forward(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a["b_ih"],
                                                 a["b_hh"], None, None, False)
-    ref_outs, _ = _run_reference(cell, a, False, zero)
+    ref_outs, _ = reference_layer(cell, a, False, zero)
     base_outs, _ = _cudnn(cell, a, False, zero)
     assert_within_baseline(y, ref_outs[0], base_outs[0], msg=f"{cell} y")
     assert_within_baseline(h_n, ref_outs[1], base_outs[1], msg=f"{cell} h_n")

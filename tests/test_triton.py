@@ -15,7 +15,8 @@ import torch
 import rnnfast
 from rnnfast import backends, ops, reference
 from rnnfast.kernels import backend as tk
-from conftest import CELLS, assert_close, assert_within_baseline, make_layer_inputs, torch_nn_layer
+from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, make_layer_inputs,
+                      reference_layer, torch_nn_layer)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -56,18 +57,6 @@ def _run(cell, a, reverse, mode, plan):
     return (y, h_n, c_n), grads, (gy, gh, gc)
 
 
-def _reference(cell, a, reverse, upstream):
-    f = lambda t: t.double() if t is not None else None  # noqa: E731
-    a64 = {k: (f(v) if v.is_floating_point() else v) for k, v in a.items()}
-    args = (a64["x"], a64["h0"], a64.get("c0"), a64["w_ih"], a64["w_hh"], a64.get("b_ih"), a64.get("b_hh"), None,
-            a64.get("lengths"), reverse)
-    outs = reference.layer_forward(cell, *args)
-    gy, gh, gc = (f(u) for u in upstream)
-    grads = reference.layer_backward(cell, gy, gh, gc, *args)
-    return outs, grads
-
-
-GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -82,19 +71,7 @@ def test_kernels_match_reference(cell, mode, plan_name, dtype, poison_torch_memo
     plan = tk.make_plan(cell, DEVICE, B, I, H, **plan_kw)
     assert plan.schedule == schedule
     outs, grads, upstream = _run(cell, a, reverse, mode, plan)
-    ref_outs, ref_grads = _reference(cell, a, reverse, upstream)
-    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref_outs):
-        if r is None:
-            assert o is None
-            continue
-        assert o.dtype == dtype and o.shape == r.shape
-        assert_close(o, r, msg=f"{name}")
-    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-        if r is None:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype and g.shape == r.shape, name
-        assert_close(g, r, msg=f"gradient of {name}")
+    assert_layer_matches(cell, dtype, outs, grads, *reference_layer(cell, a, reverse, upstream))
 
 
 def test_padded_steps_output_zeros_and_keep_the_state():
@@ -231,7 +208,7 @@ def test_half_precision_within_baseline(cell, mode, dtype):
     B = 20
     a = _inputs(cell, B, dtype, None, seed=11)
     (y, h_n, _), _, _ = _run(cell, a, False, mode, tk.make_plan(cell, DEVICE, B, I, H))
-    (y64, _, _), _ = _reference(cell, a, False, (torch.zeros_like(y), torch.zeros_like(h_n),
+    (y64, _, _), _ = reference_layer(cell, a, False, (torch.zeros_like(y), torch.zeros_like(h_n),
                                                  torch.zeros_like(h_n) if cell == "lstm" else None))
     assert y.dtype == dtype
     assert_within_baseline(y, y64, _torch_nn_baseline(cell, a), msg=f"{cell} {mode} {dtype}")
@@ -252,25 +229,8 @@ def test_gpu_persistent_barrier_matches_reference(cell, mode, B, Hb, reverse, po
     a = {k: v.to(DEVICE) for k, v in a.items()}
     plan = tk.make_plan(cell, DEVICE, B, 33, Hb, schedule="persistent", block_h=16)
     assert plan.needs_sync(Hb)
-    y, h_n, c_n, ws = tk.forward(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
-                                 a["lengths"], reverse, fused=mode == "fused", plan=plan)
-    ref = reference.layer_forward(cell, *(a[k].double() if k in a else None for k in ("x", "h0", "c0")),
-                                  a["w_ih"].double(), a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double(),
-                                  None, a["lengths"], reverse)
-    assert_close(y, ref[0])
-    assert_close(h_n, ref[1])
-    gy, gh = torch.randn_like(y), torch.randn_like(h_n)
-    gc = torch.randn_like(c_n) if c_n is not None else None
-    grads = tk.backward(cell, gy, gh, gc, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["lengths"], reverse, ws,
-                        plan=plan)
-    ref_grads = reference.layer_backward(cell, gy.double(), gh.double(), gc.double() if gc is not None else None,
-                                         a["x"].double(), a["h0"].double(),
-                                         a["c0"].double() if "c0" in a else None, a["w_ih"].double(),
-                                         a["w_hh"].double(), a["b_ih"].double(), a["b_hh"].double(), None,
-                                         a["lengths"], reverse)
-    for name, gk, r in zip(GRAD_NAMES, grads, ref_grads):
-        if r is not None:
-            assert_close(gk, r, msg=name)
+    outs, grads, upstream = _run(cell, a, reverse, mode, plan)
+    assert_layer_matches(cell, torch.float32, outs, grads, *reference_layer(cell, a, reverse, upstream))
 
 
 @pytest.mark.gpu
