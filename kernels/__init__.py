@@ -1,7 +1,7 @@
-"""Triton kernels of rnnfast, installed as ``rnnfast.kernels``.
+"""Triton device code of rnnfast, installed as ``rnnfast.kernels``.
 
-:mod:`.layer` holds the ``@triton.jit`` kernels of one layer over a whole sequence; :mod:`.backend` their launchers
-and the ``triton`` backend, which registers itself with :mod:`rnnfast.backends` on import.
+:mod:`.layer` holds the ``@triton.jit`` kernels of one layer over a whole sequence; their host side (plans,
+launchers, the ``triton`` backend) is :mod:`rnnfast.backends.triton`, and :mod:`.aot` compiles them without a GPU.
 """
 
-from . import backend, layer  # noqa: F401
+from . import layer  # noqa: F401

@@ -22,8 +22,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..backends import triton as backend
 from ..reference import compute_dtype
-from . import backend, layer
+from . import layer
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Arguments in the layer's dtype; every other pointer is in the compute dtype, except these two.

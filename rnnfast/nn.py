@@ -2,10 +2,12 @@
 
 Same constructor arguments and defaults, same parameter names, shapes, registration order and initialisation, so
 ``state_dict`` loads both ways; same forward signature, shapes, ``PackedSequence`` handling and errors. The extra
-keyword ``backend`` picks the implementation (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``; see
-:mod:`rnnfast.backends`).
+keyword ``backend`` picks the implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``, ``"reference"``;
+see :mod:`rnnfast.backends`); ``auto`` chooses per call by measurement (:mod:`rnnfast.dispatch`), and where it
+chooses ``torch`` a module makes the very call torch.nn makes.
 
-The classes do not subclass ``torch.nn.RNNBase``: dynamo graph-breaks on ``isinstance`` checks of those classes.
+The classes do not subclass ``torch.nn.RNNBase``: dynamo graph-breaks on RNNBase modules (its ``allow_rnn``
+setting), so a subclass would split every compiled graph at the layer.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ from torch import Tensor
 from torch.nn import Parameter, init
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends, ops
+from . import backends, dispatch, ops
+from .backends import native
 from .reference import GATES
 
 _MODE_CELL = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
 
 
+# What ``backend=None`` (the default) means; a test suite may point it elsewhere to run every module on one backend.
+DEFAULT_BACKEND = "auto"
+
+
 def _check_backend(backend) -> str:
-    return backends.check_name(backend)
+    return backends.check_name(DEFAULT_BACKEND if backend is None else backend)
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -44,10 +51,16 @@ def _cast(t, dtype):
 
 
 def _check_hx_tensor(name: str, hx: Tensor, like: Tensor) -> None:
+    if hx.device != like.device:  # torch's text
+        raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                           f"{like.device} and hidden tensor at {hx.device}")
     if hx.dtype != like.dtype and _autocast_dtype(like) is None:
         raise RuntimeError(f"{name} dtype ({hx.dtype}) does not match input dtype ({like.dtype})")
-    if hx.device != like.device:
-        raise RuntimeError(f"{name} is on {hx.device} but input is on {like.device}")
+
+
+def _records_grad(*tensors) -> bool:
+    """A backward may follow: grad mode is on and something requires grad (what auto calls training)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _RNNBase(torch.nn.Module):
@@ -55,7 +68,7 @@ class _RNNBase(torch.nn.Module):
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str | None = None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
@@ -192,8 +205,8 @@ class _RNNBase(torch.nn.Module):
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, batch_sizes)
-            # The layers run on a padded, time-major batch in the packed (sorted) order.
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            x, lengths = data, None  # padded below if a kernel backend runs it
+            T, B = batch_sizes.numel(), int(batch_sizes[0]) if batch_sizes.numel() else 0
             if hx is not None and sorted_indices is not None:
                 hx = (tuple(h.index_select(1, sorted_indices) for h in hx) if is_lstm
                       else hx.index_select(1, sorted_indices))
@@ -224,8 +237,8 @@ class _RNNBase(torch.nn.Module):
             self._check_input(x, None)
             if self.batch_first:
                 x = x.transpose(0, 1)
+            T, B = x.size(0), x.size(1)
 
-        B = x.size(1)
         if hx is None:
             h0 = x.new_zeros(self._expected_hidden_size(B))  # in x's dtype, as torch.nn
             c0 = x.new_zeros(self._expected_hidden_size(B, cell_state=True)) if is_lstm else None
@@ -240,10 +253,28 @@ class _RNNBase(torch.nn.Module):
             self._check_hidden_size(h0, self._expected_hidden_size(B))
             _check_hx_tensor("hx", h0, x)
 
+        cell = _MODE_CELL[self.mode]
         amp = _autocast_dtype(x)
+        backend = self._choose(x, h0, c0, amp, T, B, packed)
+        if backend == "torch" and not torch.compiler.is_compiling():
+            # torch.nn's own single call, on the input as torch.nn gets it (a packed one stays packed).
+            if packed:
+                out_data, hidden = native.module_forward(
+                    self.mode, data, batch_sizes, (h0, c0) if is_lstm else h0, self._flat_weights, bias=self.bias,
+                    num_layers=self.num_layers, dropout=self.dropout, training=self.training,
+                    bidirectional=self.bidirectional, batch_first=False)
+                return self._packed_result(out_data, hidden, batch_sizes, sorted_indices, unsorted_indices)
+            output, hidden = native.module_forward(
+                self.mode, x.transpose(0, 1) if self.batch_first else x, None, (h0, c0) if is_lstm else h0,
+                self._flat_weights, bias=self.bias, num_layers=self.num_layers, dropout=self.dropout,
+                training=self.training, bidirectional=self.bidirectional, batch_first=self.batch_first)
+            h_n, c_n = hidden if is_lstm else (hidden, None)
+            return self._padded_result(output, h_n, c_n, is_batched)
+        if packed:
+            # The layers run on a padded, time-major batch in the packed (sorted) order.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
         if amp is not None:
             x, h0, c0 = _cast(x, amp), _cast(h0, amp), _cast(c0, amp)
-        cell = _MODE_CELL[self.mode]
         layer_fn = ops.LAYER_FUNCTIONS[cell]
         h_n, c_n = [], []
         layer_input = x
@@ -258,10 +289,10 @@ class _RNNBase(torch.nn.Module):
                 reverse = direction == 1
                 if is_lstm:
                     y, h, c = layer_fn(layer_input, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                       reverse, self.backend)
+                                       reverse, backend)
                     c_n.append(c)
                 else:
-                    y, h = layer_fn(layer_input, h0[idx], w_ih, w_hh, b_ih, b_hh, lengths, reverse, self.backend)
+                    y, h = layer_fn(layer_input, h0[idx], w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend)
                 outputs.append(y)
                 h_n.append(h)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
@@ -274,13 +305,31 @@ class _RNNBase(torch.nn.Module):
 
         if packed:
             out_data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
-            out = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
-                h_n = h_n.index_select(1, unsorted_indices)
-                c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
-            return out, ((h_n, c_n) if is_lstm else h_n)
+            return self._packed_result(out_data, (h_n, c_n) if is_lstm else h_n, batch_sizes, sorted_indices,
+                                       unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)
+        return self._padded_result(output, h_n, c_n, is_batched)
+
+    def _choose(self, x: Tensor, h0: Tensor, c0: Tensor | None, amp: torch.dtype | None, T: int, B: int,
+                has_lengths: bool) -> str:
+        """The backend this call runs on: ``self.backend``, or what ``auto`` chooses for it."""
+        if self.backend != "auto":
+            return self.backend
+        return dispatch.choose_name(
+            _MODE_CELL[self.mode], str(x.device), dispatch.dtype_name(amp or x.dtype),
+            _records_grad(x, h0, c0, *self._flat_weights), T, B, self.input_size, self.hidden_size,
+            self.proj_size, self.num_layers, self.bidirectional, self.bias, has_lengths)
+
+    def _packed_result(self, out_data, hidden, batch_sizes, sorted_indices, unsorted_indices):
+        out = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
+        if unsorted_indices is not None:
+            hidden = (tuple(h.index_select(1, unsorted_indices) for h in hidden) if self.mode == "LSTM"
+                      else hidden.index_select(1, unsorted_indices))
+        return out, hidden
+
+    def _padded_result(self, output, h_n, c_n, is_batched):
+        is_lstm = self.mode == "LSTM"
         if not is_batched:
             output = output.squeeze(1 if not self.batch_first else 0)
             h_n = h_n.squeeze(1)
@@ -293,7 +342,7 @@ class RNN(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str = "auto", **kwargs) -> None:
+                 device=None, dtype=None, *, backend: str | None = None, **kwargs) -> None:
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
@@ -316,7 +365,7 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
-                 dtype=None, *, backend: str = "auto", **kwargs) -> None:
+                 dtype=None, *, backend: str | None = None, **kwargs) -> None:
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
@@ -330,7 +379,7 @@ class LSTM(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str | None = None) -> None:
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device=device, dtype=dtype, backend=backend)
 
@@ -343,7 +392,7 @@ class _CellBase(torch.nn.Module):
     _cell = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int, device=None, dtype=None,
-                 *, backend: str = "auto") -> None:
+                 *, backend: str | None = None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.input_size = input_size
@@ -381,14 +430,9 @@ class _CellBase(torch.nn.Module):
         return tuple(_cast(w, amp) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
 
     def _check(self, input: Tensor, states: list[Tensor]) -> None:
+        # torch's order: every size first (input, then each state's batch and hidden size), then dtypes, devices.
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
-        if input.dtype != self.weight_ih.dtype and _autocast_dtype(input) is None:
-            raise RuntimeError(f"{self._name}: input dtype ({input.dtype}) does not match weight dtype "
-                               f"({self.weight_ih.dtype})")
-        if input.device != self.weight_ih.device:
-            raise RuntimeError(f"{self._name}: input is on {input.device} but the weights are on "
-                               f"{self.weight_ih.device}")
         for i, h in enumerate(states):
             if input.size(0) != h.size(0):
                 raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size "
@@ -396,7 +440,29 @@ class _CellBase(torch.nn.Module):
             if h.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {h.size(1)}, expected "
                                    f"{self.hidden_size}")
+        if input.dtype != self.weight_ih.dtype and _autocast_dtype(input) is None:
+            raise RuntimeError(f"{self._name}: input dtype ({input.dtype}) does not match weight dtype "
+                               f"({self.weight_ih.dtype})")
+        if input.device != self.weight_ih.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {self.weight_ih.device}")
+        for i, h in enumerate(states):
             _check_hx_tensor(f"hidden{i}", h, input)
+
+    def _run(self, cell: str, input: Tensor, hx):
+        """One step: ``h``, or ``(h, c)`` for LSTM; ``input`` and ``hx`` batched and checked."""
+        states = list(hx) if cell == "lstm" else [hx]
+        name = self.backend
+        if name == "auto":
+            name = dispatch.choose_name(cell, str(input.device), dispatch.dtype_name(
+                _autocast_dtype(input) or input.dtype), _records_grad(input, *states, *self.parameters()), 1,
+                input.size(0), self.input_size, self.hidden_size, 0, 1, False, self.bias, False)
+        if name == "torch" and not torch.compiler.is_compiling():
+            return native.cell_forward(cell, input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        amp = _autocast_dtype(input)
+        out = ops.LAYER_FUNCTIONS[cell](_cast(input, amp).unsqueeze(0), *(_cast(h, amp) for h in states),
+                                        *self._weights(input), backend=name)
+        return (out[1], out[2]) if cell == "lstm" else out[1]
 
     def _prepare(self, input: Tensor, hx):
         if input.dim() not in (1, 2):
@@ -413,7 +479,7 @@ class RNNCell(_CellBase):
     _name = "RNNCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype, backend=backend)
         self.nonlinearity = nonlinearity
 
@@ -428,9 +494,7 @@ class RNNCell(_CellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check(input, [hx])
-        amp = _autocast_dtype(input)
-        _, h = ops.rnn(self.nonlinearity, _cast(input, amp).unsqueeze(0), _cast(hx, amp), *self._weights(input),
-                       backend=self.backend)
+        h = self._run(f"rnn_{self.nonlinearity}", input, hx)
         return h if is_batched else h.squeeze(0)
 
 
@@ -440,7 +504,7 @@ class GRUCell(_CellBase):
     _name = "GRUCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto") -> None:
+                 backend: str | None = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype, backend=backend)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
@@ -452,8 +516,7 @@ class GRUCell(_CellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check(input, [hx])
-        amp = _autocast_dtype(input)
-        _, h = ops.gru(_cast(input, amp).unsqueeze(0), _cast(hx, amp), *self._weights(input), backend=self.backend)
+        h = self._run("gru", input, hx)
         return h if is_batched else h.squeeze(0)
 
 
@@ -463,7 +526,7 @@ class LSTMCell(_CellBase):
     _name = "LSTMCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto") -> None:
+                 backend: str | None = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype, backend=backend)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -478,9 +541,7 @@ class LSTMCell(_CellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check(input, list(hx))
-        amp = _autocast_dtype(input)
-        _, h, c = ops.lstm(_cast(input, amp).unsqueeze(0), _cast(hx[0], amp), _cast(hx[1], amp),
-                           *self._weights(input), backend=self.backend)
+        h, c = self._run("lstm", input, hx)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -517,7 +578,7 @@ def _convert_one(old: torch.nn.Module, backend: str) -> torch.nn.Module:
     return new
 
 
-def convert(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
+def convert(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
     """Replace every torch.nn RNN/GRU/LSTM (and Cell) inside ``model`` with its rnnfast twin, in place.
 
     The new modules hold the same Parameter objects, so weights, device, dtype, ``requires_grad`` and optimizer

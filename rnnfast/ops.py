@@ -32,20 +32,29 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, reference
+from .backends import LayerGrads, LayerInputs, LayerOutputs, native
 from .reference import CELLS, GATES
 
-_RNN_SCHEMA = ("(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
-               "bool reverse, str backend) -> (Tensor, Tensor, Tensor)")
-_RNN_BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
-                        "Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, str backend, Tensor y, "
-                        "Tensor h_n, Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_LSTM_SCHEMA = ("(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-                "Tensor? w_hr, Tensor? lengths, bool reverse, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
-_LSTM_BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, "
-                         "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, "
-                         "bool reverse, str backend, Tensor y, Tensor h_n, Tensor c_n, Tensor workspace) -> "
-                         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+def _names(cell: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(inputs, outputs)`` tensor names of a cell's forward op, in schema order."""
+    if cell == "lstm":
+        return ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), ("y", "h_n", "c_n")
+    return ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"), ("y", "h_n")
+
+
+_OPTIONAL = ("b_ih", "b_hh", "w_hr")
+
+
+def _schemas(cell: str) -> tuple[str, str]:
+    ins, outs = _names(cell)
+    args = ", ".join(f"Tensor{'?' if n in _OPTIONAL else ''} {n}" for n in ins)
+    args += ", Tensor? lengths, bool reverse, str backend"
+    fwd = f"({args}) -> ({', '.join(['Tensor'] * (len(outs) + 1))})"
+    bwd_args = ", ".join(f"Tensor grad_{n}" for n in outs) + ", " + args + ", " + ", ".join(
+        f"Tensor {n}" for n in outs) + ", Tensor workspace"
+    return fwd, f"({bwd_args}) -> ({', '.join(['Tensor'] * len(ins))})"
 
 
 def layer_spec(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, b_ih: Tensor | None,
@@ -58,8 +67,8 @@ def layer_spec(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, b_ih: Te
                               bias=b_ih is not None, has_lengths=lengths is not None)
 
 
-def _backend(name, cell, x, w_hh, w_hr, b_ih, lengths) -> backends.Backend:
-    return backends.get(backends.select(name, layer_spec(cell, x, w_hh, w_hr, b_ih, lengths)))
+def _backend(name: str, inputs: LayerInputs) -> backends.Backend:
+    return backends.get(backends.select(name, inputs.spec()))
 
 
 def _no_autocast(x: Tensor):
@@ -68,121 +77,110 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
-def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
+def _zeros_if_none(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return torch.zeros_like(like) if g is None and like is not None else g
 
 
 def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
-    # Op outputs cannot be None: an absent bias gets an empty gradient, turned back into None by autograd.
+    # Op outputs cannot be None: an absent input gets an empty gradient, turned back into None by autograd.
     return like.new_empty(0) if t is None else t
 
 
-def _none_if_empty_bias(g: Tensor, b: Tensor | None) -> Tensor | None:
-    return None if b is None else g
+def _define(cell: str):
+    """Register ``rnnfast::<cell>`` and ``rnnfast::<cell>_backward`` with their fake kernels and autograd; the
+    backward op is differentiable too (second-order gradients), by differentiating the reference's explicit
+    backward (:func:`rnnfast.reference.layer_backward`)."""
+    ins, outs = _names(cell)
+    n_in, n_out = len(ins), len(outs)
+    fwd_schema, bwd_schema = _schemas(cell)
 
+    def layer_inputs(args) -> tuple[LayerInputs, str]:
+        kw = dict(zip(ins, args))
+        lengths, reverse, backend = args[n_in:n_in + 3]
+        return LayerInputs(cell, kw["x"], kw["h0"], kw.get("c0"), kw["w_ih"], kw["w_hh"], kw["b_ih"], kw["b_hh"],
+                           kw.get("w_hr"), lengths, reverse), backend
 
-def _define_rnn_like(cell: str):
-    """Register ``rnnfast::<cell>`` and ``rnnfast::<cell>_backward`` for a cell without a cell state."""
+    def layer_outputs(values, workspace=None) -> LayerOutputs:
+        return LayerOutputs(values[0], values[1], values[2] if cell == "lstm" else None, workspace)
 
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend):
-        be = _backend(backend, cell, x, w_hh, None, b_ih, lengths)
-        with _no_autocast(x):
-            y, h_n, _, ws = be.forward(cell, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse)
-        return y, h_n, ws
+    def forward(*args):
+        a, name = layer_inputs(args)
+        with _no_autocast(a.x):
+            out = _backend(name, a).forward(a)
+        return (out.y, out.h_n) + ((out.c_n,) if cell == "lstm" else ()) + (out.workspace,)
 
-    def forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend):
-        be = _backend(backend, cell, x, w_hh, None, b_ih, lengths)
-        return (x.new_empty(x.shape[0], x.shape[1], h0.shape[1]), h0.new_empty(h0.shape),
-                be.workspace(cell, x, h0, w_hh, None))
+    def forward_fake(*args):
+        a, name = layer_inputs(args)
+        T, B = a.x.shape[0], a.x.shape[1]
+        shapes = {"y": (T, B, a.h0.shape[1]), "h_n": a.h0.shape, "c_n": a.c0.shape if a.c0 is not None else None}
+        return tuple(a.x.new_empty(shapes[n]) for n in outs) + (_backend(name, a).workspace(a),)
 
-    def backward_impl(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend, y, h_n, ws):
-        be = _backend(backend, cell, x, w_hh, None, b_ih, lengths)
-        with _no_autocast(x):
-            dx, dh0, _, dw_ih, dw_hh, db_ih, db_hh, _ = be.backward(
-                cell, grad_y, grad_h_n, None, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, y, h_n,
-                None, ws)
-        return dx, dh0, dw_ih, dw_hh, _empty_if_none(db_ih, x), _empty_if_none(db_hh, x)
+    def backward_impl(*args):
+        grads = layer_outputs(args[:n_out])
+        a, name = layer_inputs(args[n_out:])
+        rest = args[n_out + n_in + 3:]
+        with _no_autocast(a.x):
+            g = _backend(name, a).backward(a, layer_outputs(rest[:n_out], rest[n_out]), grads)
+        return tuple(_empty_if_none(getattr(g, n), a.x) for n in ins)
 
-    def backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend, y, h_n, ws):
-        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
-                torch.empty_like(b_ih) if b_ih is not None else x.new_empty(0),
-                torch.empty_like(b_hh) if b_hh is not None else x.new_empty(0))
+    def backward_fake(*args):
+        a, _ = layer_inputs(args[n_out:])
+        return tuple(torch.empty_like(getattr(a, n)) if getattr(a, n) is not None else a.x.new_empty(0)
+                     for n in ins)
 
-    fwd_op = torch.library.custom_op(f"rnnfast::{cell}", forward, mutates_args=(), schema=_RNN_SCHEMA)
+    fwd_op = torch.library.custom_op(f"rnnfast::{cell}", forward, mutates_args=(), schema=fwd_schema)
     fwd_op.register_fake(forward_fake)
     bwd_op = torch.library.custom_op(f"rnnfast::{cell}_backward", backward_impl, mutates_args=(),
-                                     schema=_RNN_BACKWARD_SCHEMA)
+                                     schema=bwd_schema)
     bwd_op.register_fake(backward_fake)
 
     def setup_context(ctx, inputs, output):
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, backend = inputs
-        y, h_n, ws = output
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, y, h_n, ws)
-        ctx.reverse, ctx.backend = reverse, backend
+        ctx.save_for_backward(*inputs[:n_in], inputs[n_in], *output)
+        ctx.reverse, ctx.backend = inputs[n_in + 1], inputs[n_in + 2]
 
-    def backward(ctx, grad_y, grad_h_n, _grad_ws):
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, y, h_n, ws = ctx.saved_tensors
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = bwd_op(
-            _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, h_n), x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
-            ctx.reverse, ctx.backend, y, h_n, ws)
-        return (dx, dh0, dw_ih, dw_hh, _none_if_empty_bias(db_ih, b_ih), _none_if_empty_bias(db_hh, b_hh),
-                None, None, None)
+    def backward(ctx, *grad_outputs):
+        saved = ctx.saved_tensors
+        tensors, lengths, results = saved[:n_in], saved[n_in], saved[n_in + 1:]
+        upstream = [_zeros_if_none(g, r) for g, r in zip(grad_outputs[:n_out], results[:n_out])]
+        grads = bwd_op(*upstream, *tensors, lengths, ctx.reverse, ctx.backend, *results)
+        return tuple(None if t is None else g for g, t in zip(grads, tensors)) + (None, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    def setup_backward_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_out + n_in + 1])
+        ctx.reverse = inputs[n_out + n_in + 1]
+
+    def backward_of_backward(ctx, *gg):
+        # The backward op's outputs are the explicit BPTT of the reference; its gradient is that function's vector-
+        # Jacobian product, by autograd on the reference (which recomputes the forward, so the saved outputs and
+        # workspace get no gradient: their dependence on the inputs is already inside). Its inputs are detached
+        # first: the engine carries each gradient on through the graph that made the input.
+        if torch.is_grad_enabled():
+            raise RuntimeError("rnnfast layers support first- and second-order gradients; a graph of the second-order "
+                               "gradient (create_graph=True twice) is not supported")
+        saved = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
+        upstream, tensors, lengths = leaves[:n_out], leaves[n_out:n_out + n_in], saved[n_out + n_in]
+        a = LayerInputs(cell, **dict(zip(ins, tensors)) | ({} if cell == "lstm" else {"c0": None}),
+                        lengths=lengths, reverse=ctx.reverse)
+        wrt = [t for t in (*upstream, *tensors) if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            up = list(upstream) + ([None] if cell != "lstm" else [])
+            named = dict(zip(LayerGrads.NAMES, reference.layer_backward(cell, *up, *a.reference_args())))
+            pairs = [(named[n], g) for n, g in zip(ins, gg)
+                     if named[n] is not None and named[n].requires_grad and g is not None and g.numel() > 0]
+            got = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wrt else [None] * len(wrt))
+        by_id = {id(t): g for t, g in zip(wrt, got)}
+        grads = [by_id.get(id(t)) if t is not None else None for t in (*upstream, *tensors)]
+        return tuple(grads) + (None, None, None) + (None,) * (n_out + 1)
+
+    bwd_op.register_autograd(backward_of_backward, setup_context=setup_backward_context)
     return fwd_op, bwd_op
 
 
-def _define_lstm():
-    cell = "lstm"
-
-    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
-        be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
-        with _no_autocast(x):
-            return be.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-
-    def forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
-        be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
-        return (x.new_empty(x.shape[0], x.shape[1], h0.shape[1]), h0.new_empty(h0.shape),
-                c0.new_empty(c0.shape), be.workspace(cell, x, h0, w_hh, w_hr))
-
-    def backward_impl(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                      backend, y, h_n, c_n, ws):
-        be = _backend(backend, cell, x, w_hh, w_hr, b_ih, lengths)
-        with _no_autocast(x):
-            grads = be.backward(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                lengths, reverse, y, h_n, c_n, ws)
-        return tuple(_empty_if_none(g, x) for g in grads)
-
-    def backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                      backend, y, h_n, c_n, ws):
-        return tuple(torch.empty_like(t) if t is not None else x.new_empty(0)
-                     for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-
-    fwd_op = torch.library.custom_op("rnnfast::lstm", forward, mutates_args=(), schema=_LSTM_SCHEMA)
-    fwd_op.register_fake(forward_fake)
-    bwd_op = torch.library.custom_op("rnnfast::lstm_backward", backward_impl, mutates_args=(),
-                                     schema=_LSTM_BACKWARD_SCHEMA)
-    bwd_op.register_fake(backward_fake)
-
-    def setup_context(ctx, inputs, output):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend = inputs
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *output)
-        ctx.reverse, ctx.backend = reverse, backend
-
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_ws):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, h_n, c_n, ws = ctx.saved_tensors
-        grads = bwd_op(_zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, h_n), _zeros_if_none(grad_c_n, c_n),
-                       x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, ctx.backend, y, h_n, c_n, ws)
-        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
-        return (dx, dh0, dc0, dw_ih, dw_hh, _none_if_empty_bias(db_ih, b_ih), _none_if_empty_bias(db_hh, b_hh),
-                _none_if_empty_bias(dw_hr, w_hr), None, None, None)
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
-    return fwd_op, bwd_op
-
-
-OPS = {cell: _define_rnn_like(cell) for cell in CELLS if cell != "lstm"}
-OPS["lstm"] = _define_lstm()
+OPS = {cell: _define(cell) for cell in CELLS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +194,7 @@ def _check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     if not x.is_floating_point():
         raise ValueError(f"{cell}: x must be a floating-point tensor, got {x.dtype}")
     if x.shape[0] == 0:
-        raise RuntimeError(f"{cell}: expected sequence length to be larger than 0, got x of shape {list(x.shape)}")
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's text
     T, B, I = x.shape
     G = GATES[cell]
     if w_hh.dim() != 2 or w_hh.shape[0] % G != 0:
@@ -247,13 +245,20 @@ def _check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
 
 def _run(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
     lengths = _check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    name = backends.select(backend, layer_spec(cell, x, w_hh, w_hr, b_ih, lengths))
+    a = LayerInputs(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, bool(reverse))
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    name = backends.select(backend, a.spec(), training=training)
+    if name == "torch" and not torch.compiler.is_compiling():
+        return _drop_c(cell, native.layer(a))  # torch's own autograd: nothing recomputed
+    ins, _ = _names(cell)
     fwd = OPS[cell][0]
-    if cell == "lstm":
-        y, h_n, c_n, _ = fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, bool(reverse), name)
-        return y, h_n, c_n
-    y, h_n, _ = fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse), name)
-    return y, h_n
+    out = fwd(*(getattr(a, n) for n in ins), lengths, a.reverse, name)
+    return _drop_c(cell, out[:-1])
+
+
+def _drop_c(cell, out):
+    return tuple(out) if cell == "lstm" else (out[0], out[1])
 
 
 def rnn_tanh(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,

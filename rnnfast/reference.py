@@ -221,9 +221,9 @@ def layer_backward(cell: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
                 dc = torch.where(m, dc_prev, dc)
 
     flat_in, flat_hid = d_in.reshape(T * B, G), d_hid.reshape(T * B, G)
-    dx = (flat_in @ w_ih).view(T, B, -1)
-    dw_ih = flat_in.t() @ x.reshape(T * B, -1)
-    dw_hh = flat_hid.t() @ h_prev_all.reshape(T * B, -1)
+    dx = (flat_in @ w_ih).view(T, B, x.shape[2])  # sizes spelled out: B may be 0
+    dw_ih = flat_in.t() @ x.reshape(T * B, x.shape[2])
+    dw_hh = flat_hid.t() @ h_prev_all.reshape(T * B, h_prev_all.shape[2])
     db_ih = flat_in.sum(0) if b_ih is not None else None
     db_hh = flat_hid.sum(0) if b_hh is not None else None
     dc0 = dc if c is not None else None

@@ -11,48 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# (atol, rtol) per dtype for a computation compared with a float64 oracle of the same math.
-# Low-precision kernels follow the flash-attention rule instead: see assert_within_baseline.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 1e-4),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
-# A kernel's error against the float64 reference may be at most this multiple of the error of the same-precision
-# PyTorch computation (plus the dtype's atol), because the error of a recurrence grows with the sequence length.
-BASELINE_FACTOR = 2.0
+# The tolerance table and rule live in rnnfast.testing (shared with bench and rnnfast.tune); re-exported here.
+from rnnfast.testing import (BASELINE_FACTOR, TOLERANCES, assert_close, assert_within_baseline,  # noqa: E402,F401
+                             layer_inputs, make_layer_inputs, poison_, tol)
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-
-
-def tol(dtype: torch.dtype) -> dict:
-    atol, rtol = TOLERANCES[dtype]
-    return {"atol": atol, "rtol": rtol}
-
-
-def assert_close(actual, expected, dtype=None, msg=""):
-    """torch.testing.assert_close with the table's tolerance for ``dtype`` (default: ``actual``'s dtype)."""
-    dtype = dtype or actual.dtype
-    torch.testing.assert_close(actual, expected.to(actual.dtype), **tol(dtype), msg=msg or None,
-                               equal_nan=False)
-
-
-def assert_within_baseline(actual, reference64, baseline, msg=""):
-    """The flash-attention rule: ``|actual - ref| <= BASELINE_FACTOR * |baseline - ref| + atol`` (max norms)."""
-    atol = TOLERANCES[actual.dtype][0]
-    err = (actual.double() - reference64).abs().max().item()
-    base = (baseline.double() - reference64).abs().max().item()
-    assert err <= BASELINE_FACTOR * base + atol, f"{msg}: error {err:.3e} vs baseline {base:.3e} (+{atol:.1e})"
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill ``t`` with NaN (or the integer maximum) so an element a kernel forgot to write fails the test."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    if t.dtype != torch.bool:
-        return t.fill_(torch.iinfo(t.dtype).max)
-    return t
 
 
 @pytest.fixture
@@ -82,28 +45,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def make_layer_inputs(cell, T, B, I, H, proj=0, bias=True, dtype=torch.float64, device="cpu", lengths=None,
-                      requires_grad=False, scale=0.5, generator=None):
-    """Random inputs of one layer op as a dict of keyword arguments of :mod:`rnnfast.ops` functions."""
-    G = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}[cell]
-    P = proj or H
-
-    def r(*shape):
-        t = (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(dtype=dtype, device=device)
-        return t.requires_grad_(requires_grad)
-
-    args = dict(x=r(T, B, I), h0=r(B, P), w_ih=r(G * H, I), w_hh=r(G * H, P))
-    if cell == "lstm":
-        args["c0"] = r(B, H)
-        if proj:
-            args["w_hr"] = r(P, H)
-    if bias:
-        args["b_ih"], args["b_hh"] = r(G * H), r(G * H)
-    if lengths is not None:
-        args["lengths"] = torch.as_tensor(lengths, dtype=torch.int64)
-    return args
 
 
 def torch_nn_layer(cell, a):

@@ -23,8 +23,9 @@ import torch
 
 import rnnfast
 from rnnfast import backends, build, ops, reference
-from rnnfast import cuda as rc
-from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, make_layer_inputs,
+from rnnfast.backends import cuda as rc
+from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, layer_inputs,
+                      make_layer_inputs,
                       reference_layer, torch_nn_layer)
 
 HAS_GPU = torch.cuda.is_available()
@@ -72,7 +73,7 @@ def library(tmp_path_factory):
 # -- CPU: importing, refusing, building -----------------------------------------------------------------------------
 
 def test_import_builds_nothing_and_registers_the_backend():
-    code = ("import rnnfast, rnnfast.cuda as rc; from rnnfast import backends; "
+    code = ("import rnnfast, rnnfast.backends.cuda as rc; from rnnfast import backends; "
             "assert rc._loaded is None and rc._load_error is None; assert 'cuda' in backends._REGISTRY; "
             "assert backends.get('cuda:fused').mode == 'fused'; print('ok')")
     env = dict(os.environ, CUDA_HOME="/nonexistent/cuda")  # even without nvcc, importing never raises
@@ -96,8 +97,7 @@ def test_cpu_tensors_are_refused_with_the_reason():
     assert y.shape == (5, 3, 8)
     # The backend itself refuses CPU tensors too, rather than failing inside the dispatcher.
     with pytest.raises(backends.BackendUnavailableError, match="CUDA tensors"):
-        rc.CudaBackend().forward("gru", a["x"], a["h0"], None, a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None, None,
-                                 False)
+        rc.CudaBackend().forward(layer_inputs("gru", a))
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -203,7 +203,8 @@ def test_fake_kernels_give_shapes_and_dtypes(library, cell, dtype):
         assert dc0.shape == ((B, H) if cell == "lstm" else (0,)) and dc0.dtype == ct
     # The workspace the backend promises to torch.compile matches what the op returns.
     x = torch.empty(T, B, I, dtype=dtype, device="meta")
-    assert rc.CudaBackend().workspace(cell, x, None, args[4].to("meta"), None).shape == ws.shape
+    inputs = backends.LayerInputs(cell, x, None, None, None, args[4].to("meta"))
+    assert rc.CudaBackend().workspace(inputs).shape == ws.shape
 
 
 @pytest.mark.slow
@@ -240,11 +241,10 @@ def _upstream(cell, T, B, H, dtype, seed=7):
 def _run_backend(cell, a, reverse, mode, upstream):
     """Forward and backward through CudaBackend; returns ((y, h_n, c_n), grads)."""
     be = backends.get(f"cuda:{mode}")
-    args = (a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh"), None,
-            a.get("lengths"), reverse)
-    y, h_n, c_n, ws = be.forward(cell, *args)
-    grads = be.backward(cell, *upstream, *args[:-2], args[-2], reverse, y, h_n, c_n, ws)
-    return (y, h_n, c_n), grads[:7]
+    inputs = layer_inputs(cell, a, reverse)
+    out = be.forward(inputs)
+    grads = be.backward(inputs, out, backends.LayerOutputs(*upstream))
+    return (out.y, out.h_n, out.c_n), grads.astuple()[:7]
 
 
 @pytest.fixture
@@ -386,8 +386,8 @@ def test_gpu_tensor_cores_at_benchmark_size(library, cell):
     zero = (torch.zeros(T, B, H, dtype=torch.bfloat16, device=DEVICE),
             torch.zeros(B, H, dtype=torch.bfloat16, device=DEVICE),
             torch.zeros(B, H, dtype=torch.bfloat16, device=DEVICE) if cell == "lstm" else None)
-    y, h_n, _, _ = backends.get("cuda").forward(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a["b_ih"],
-                                                a["b_hh"], None, None, False)
+    out = backends.get("cuda").forward(layer_inputs(cell, a))
+    y, h_n = out.y, out.h_n
     ref_outs, _ = reference_layer(cell, a, False, zero)
     base_outs, _ = _cudnn(cell, a, False, zero)
     assert_within_baseline(y, ref_outs[0], base_outs[0], msg=f"{cell} y")
@@ -446,11 +446,13 @@ def test_gpu_modules_and_compile(library):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_order_and_too_large_layers_are_refused(library):
+def test_gpu_too_large_layers_are_refused(library):
     spec = _spec("lstm", device="cuda", dtype=torch.float32, H=64)
     assert backends.why_unavailable("cuda", spec) is None
-    first = backends.AUTO_ORDER[0]
-    assert backends.select("auto", spec) == (first if backends.why_unavailable(first, spec) is None else "cuda")
+    from rnnfast import dispatch
+
+    row = dispatch.table().get(dispatch.key_of(dispatch.ModuleSpec.of_layer(spec, False)))
+    assert backends.select("auto", spec) == (row.backend if row else "torch")  # measured, else torch
     big = _spec("lstm", device="cuda", dtype=torch.float64, H=8192)
     reason = backends.why_unavailable("cuda", big)
     assert reason is not None and "too large" in reason and "shared memory" in reason

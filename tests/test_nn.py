@@ -20,6 +20,17 @@ KINDS = {
 }
 
 
+# Every test here runs twice: with auto (on the CPU: torch's own implementation, the call torch.nn makes) and with
+# the reference (rnnfast's own time loop through the layer ops, what the kernel backends are checked against).
+BACKENDS = ("auto", "reference")
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request, monkeypatch):
+    monkeypatch.setattr(rnnfast.nn, "DEFAULT_BACKEND", request.param)
+    return request.param
+
+
 def pair(kind, I, H, seed=0, **kw):
     """(rnnfast module, torch.nn module), each built from the same seed: equal weights test equal init."""
     cls, extra = KINDS[kind]
@@ -206,14 +217,14 @@ def test_cells_match_torch_nn(kind):
 # -- state_dict, init, convert ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_parameters_and_state_dict_round_trip(kind):
+def test_parameters_and_state_dict_round_trip(kind, backend):
     ours, theirs = pair(kind, 3, 6, num_layers=2, bidirectional=True, bias=True)
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
     for (n, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.equal(a, b), f"same seed must give the same init ({n})"
     assert ours._flat_weights_names == theirs._flat_weights_names
-    assert repr(ours) == repr(theirs)
+    assert repr(ours) == (repr(theirs) if backend == "auto" else repr(theirs)[:-1] + f", backend={backend!r})")
     # Both directions, with weights that differ from either module's own.
     other_ours, other_theirs = pair(kind, 3, 6, seed=5, num_layers=2, bidirectional=True)
     ours.load_state_dict(other_theirs.state_dict())
@@ -349,20 +360,27 @@ def test_empty_batch_like_torch_nn():
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
-def test_autocast_runs_the_layer_in_the_autocast_dtype(cls):
-    """Under autocast the layer runs in the autocast dtype (as torch.nn's cuDNN path does), gradients reach the
-    float32 parameters, and the result equals the same module cast to that dtype."""
+def test_autocast_like_torch_nn_or_in_the_autocast_dtype(cls, backend):
+    """Under autocast, torch's implementation does what torch.nn does (the same call, the same autocast rules);
+    rnnfast's own layers run in the autocast dtype (as torch.nn's cuDNN path does). Either way gradients reach the
+    float32 parameters."""
     torch.manual_seed(0)
     m = getattr(rnnfast.nn, cls)(4, 6)
     x = torch.randn(5, 3, 4) if cls == "LSTM" else torch.randn(3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
     out = out[0] if cls == "LSTM" else out
-    assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
-    low = getattr(rnnfast.nn, cls)(4, 6, dtype=torch.bfloat16)
-    low.load_state_dict(m.state_dict())
-    expected = low(x.bfloat16())
+    if backend == "auto":
+        theirs = getattr(torch.nn, cls)(4, 6)
+        theirs.load_state_dict(m.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = theirs(x)
+    else:
+        assert out.dtype == torch.bfloat16
+        low = getattr(rnnfast.nn, cls)(4, 6, dtype=torch.bfloat16)
+        low.load_state_dict(m.state_dict())
+        expected = low(x.bfloat16())
     expected = expected[0] if cls == "LSTM" else expected
-    assert torch.equal(out, expected)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)

@@ -14,7 +14,7 @@ import torch
 
 import rnnfast
 from rnnfast import backends, ops, reference
-from rnnfast.kernels import backend as tk
+from rnnfast.backends import triton as tk
 from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, make_layer_inputs,
                       reference_layer, torch_nn_layer)
 
@@ -247,11 +247,18 @@ def test_gpu_default_plan_large(cell):
     assert_within_baseline(y, ref[0], _torch_nn_baseline(cell, a), msg=cell)
 
 
-def test_tf32_only_when_torch_allows_it(monkeypatch):
+def test_tf32_only_when_torch_allows_it():
+    # Saved and restored here: monkeypatch cannot delattr on torch's cuBLASModule (pytest 9), and the flag must not
+    # leak into the tests after this one.
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert tk._precision(torch.float32, cuda) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert tk._precision(torch.float32, cuda) == "tf32"
-    assert tk._precision(torch.float64, cuda) == "ieee"
-    assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert tk._precision(torch.float32, cuda) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tk._precision(torch.float32, cuda) == "tf32"
+        assert tk._precision(torch.float64, cuda) == "ieee"
+        assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert torch.backends.cuda.matmul.allow_tf32 == saved

@@ -1,4 +1,5 @@
-"""The ``triton`` backend: launchers for the kernels in :mod:`rnnfast.kernels.layer` and their registration.
+"""The ``triton`` backend: the host side of the kernels in :mod:`rnnfast.kernels.layer` (plans, launchers) and its
+registration.
 
 Modes (``backend="triton:<mode>"``): ``hoisted`` (default) computes ``x @ W_ih^T`` for all steps as one GEMM before
 the recurrent kernel; ``fused`` multiplies ``x_t`` by ``W_ih`` inside each step.
@@ -13,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..backends import Backend, fused_layer_problem, register
+from ..kernels import layer
 from ..reference import GATES, compute_dtype
 from ..workspace import (fold_biases, gate_planes, hoisted_input, input_and_weight_grads, split_workspace,
                          workspace_numel)
-from . import layer
+from . import Backend, LayerGrads, LayerOutputs, kernel_layer_problem, register
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -136,14 +137,6 @@ def backward_meta(cell: str, plan: Plan, H: int, *, reverse: bool, has_len: bool
                 PRECISION=precision, num_warps=plan.num_warps)
 
 
-
-
-
-
-
-
-
-
 def _launch(kernel, grid, plan: Plan, T: int, steps_args, args, meta):
     if plan.schedule == "persistent":
         kernel[grid](*args, *steps_args(0, T), **meta)
@@ -222,7 +215,7 @@ class TritonBackend(Backend):
     modes = ("hoisted", "fused")
 
     def unavailable(self, spec):
-        reason = fused_layer_problem(spec, SUPPORTED_DTYPES, "program")
+        reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "program")
         if reason is not None:
             return reason
         if INTERPRETED:
@@ -242,21 +235,25 @@ class TritonBackend(Backend):
     def auto_unavailable(self, spec):
         reason = self.unavailable(spec)
         if reason is None and INTERPRETED:
-            return "it runs under the Triton interpreter, which is for testing, not speed"
+            return "it runs under the Triton interpreter (TRITON_INTERPRET), which is for testing, not speed"
         return reason
 
-    def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-        return forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, fused=self.mode == "fused")
+    def forward(self, inputs):
+        a = inputs
+        y, h_n, c_n, ws = forward(a.cell, a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.lengths, a.reverse,
+                                  fused=self.mode == "fused")
+        return LayerOutputs(y, h_n, c_n, ws)
 
-    def workspace(self, cell, x, h0, w_hh, w_hr):
-        T, B = x.shape[0], x.shape[1]
-        return x.new_empty(workspace_numel(cell, T, B, w_hh.shape[1]), dtype=compute_dtype(x.dtype))
+    def workspace(self, inputs):
+        T, B = inputs.x.shape[0], inputs.x.shape[1]
+        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
+                                  dtype=compute_dtype(inputs.x.dtype))
 
-    def backward(self, cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                 reverse, y, h_n, c_n, workspace):
-        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih,
-                                                            lengths, reverse, workspace)
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
+    def backward(self, inputs, outputs, grads):
+        a = inputs
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = backward(a.cell, grads.y, grads.h_n, grads.c_n, a.x, a.w_ih,
+                                                            a.w_hh, a.b_ih, a.lengths, a.reverse, outputs.workspace)
+        return LayerGrads(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None)
 
 
 register(TritonBackend())

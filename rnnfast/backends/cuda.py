@@ -22,9 +22,10 @@ import threading
 
 import torch
 
-from .backends import Backend, BackendUnavailableError, fused_layer_problem, register
-from .reference import CELLS, GATES, compute_dtype
-from .workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
+from ..reference import CELLS, GATES, compute_dtype
+from ..workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
+from . import (Backend, BackendUnavailableError, LayerGrads, LayerOutputs, constant_under_compile, kernel_layer_problem,
+               register)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The forward's recurrent product runs on tensor cores (WMMA) for these when its tiles fit shared memory; h_{t-1}
@@ -42,15 +43,9 @@ _load_error: str | None = None  # why building or loading failed, once it has
 
 def _build():
     # Imported on use, not at import: `python -m rnnfast.build` must find rnnfast.build not yet imported.
-    from . import build
+    from .. import build
 
     return build
-
-
-
-
-
-
 
 
 def _shared_memory_limit(props) -> int:
@@ -60,7 +55,7 @@ def _shared_memory_limit(props) -> int:
     return limit or props.shared_memory_per_multiprocessor - 1024
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _device_facts(index: int | None) -> tuple[int, int, int, int, str]:
     """``(multiprocessors, shared memory bytes per block, major, minor, name)`` of CUDA device ``index``.
     torch.compile calls this once, eagerly, and keeps the result instead of tracing into the CUDA runtime."""
@@ -68,7 +63,7 @@ def _device_facts(index: int | None) -> tuple[int, int, int, int, str]:
     return props.multi_processor_count, _shared_memory_limit(props), props.major, props.minor, props.name
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _gpu_problem(index: int | None) -> str | None:
     """None when CUDA device ``index`` can run the kernels, else why not (evaluated eagerly under torch.compile)."""
     if not torch.cuda.is_available():
@@ -164,7 +159,7 @@ def load_library() -> str:
         return path
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _library_problem() -> str | None:
     """None once the extension is loaded; else builds and loads it (built on first use: the first layer that could
     run here builds it) and returns why that failed. torch.compile calls this eagerly instead of tracing it."""
@@ -178,8 +173,6 @@ def _library_problem() -> str | None:
     except BackendUnavailableError:
         return _load_error
     return None
-
-
 
 
 def _require_cuda(x: torch.Tensor) -> None:
@@ -233,7 +226,7 @@ class CudaBackend(Backend):
     modes = ("hoisted", "fused")
 
     def unavailable(self, spec):
-        reason = fused_layer_problem(spec, SUPPORTED_DTYPES, "block")
+        reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "block")
         if reason is not None:
             return reason
         if spec.device.type != "cuda":
@@ -246,48 +239,53 @@ class CudaBackend(Backend):
             return reason
         return _library_problem()
 
-    def forward(self, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    def forward(self, inputs):
+        a = inputs
+        cell, x = a.cell, a.x
         _require_cuda(x)
-        if w_hr is not None:
+        if a.w_hr is not None:
             raise BackendUnavailableError("rnnfast backend 'cuda' does not run LSTM with proj_size")
         load_library()
         T, B, I = x.shape
-        H = w_hh.shape[1]
+        H = a.w_hh.shape[1]
         ct = compute_dtype(x.dtype)
-        x, h0, w_ih, w_hh = x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous()
-        c0 = c0.contiguous() if cell == "lstm" else None
-        bias, b_hn = fold_biases(cell, b_ih, b_hh, H, ct)
+        x, h0, w_ih, w_hh = x.contiguous(), a.h0.contiguous(), a.w_ih.contiguous(), a.w_hh.contiguous()
+        c0 = a.c0.contiguous() if cell == "lstm" else None
+        bias, b_hn = fold_biases(cell, a.b_ih, a.b_hh, H, ct)
         gx = None
         if self.mode != "fused":
             gx = hoisted_input(x, w_ih, bias, ct)
             bias = None
         block_h = _block_h(cell, H, x)
         op = _op(f"{cell}_forward")
-        y, h_n, c_n, ws = op(x, h0, c0, w_ih, w_hh, gx, bias, b_hn, _lengths(lengths, x), bool(reverse), block_h,
-                             use_tensor_cores(cell, B, H, x.dtype, x.device, block_h))
-        return y, h_n, (c_n if cell == "lstm" else None), ws
+        y, h_n, c_n, ws = op(x, h0, c0, w_ih, w_hh, gx, bias, b_hn, _lengths(a.lengths, x), bool(a.reverse),
+                             block_h, use_tensor_cores(cell, B, H, x.dtype, x.device, block_h))
+        return LayerOutputs(y, h_n, (c_n if cell == "lstm" else None), ws)
 
-    def workspace(self, cell, x, h0, w_hh, w_hr):
-        T, B = x.shape[0], x.shape[1]
-        return x.new_empty(workspace_numel(cell, T, B, w_hh.shape[1]), dtype=compute_dtype(x.dtype))
+    def workspace(self, inputs):
+        T, B = inputs.x.shape[0], inputs.x.shape[1]
+        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
+                                  dtype=compute_dtype(inputs.x.dtype))
 
-    def backward(self, cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                 reverse, y, h_n, c_n, workspace):
+    def backward(self, inputs, outputs, grads):
+        a = inputs
+        cell, x = a.cell, a.x
         _require_cuda(x)
         load_library()
         T, B = x.shape[0], x.shape[1]
-        H = w_hh.shape[1]
+        H = a.w_hh.shape[1]
         dt = x.dtype
-        w_hh = w_hh.contiguous()
+        w_hh = a.w_hh.contiguous()
         op = _op(f"{cell}_backward_recurrent")
-        d_in, d_hid, dh0, dc0 = op(grad_y.to(dt).contiguous(), grad_h_n.to(dt).contiguous(),
-                                   grad_c_n.to(dt).contiguous() if cell == "lstm" else None, w_hh,
-                                   workspace, _lengths(lengths, x), bool(reverse), _block_h(cell, H, x))
+        d_in, d_hid, dh0, dc0 = op(grads.y.to(dt).contiguous(), grads.h_n.to(dt).contiguous(),
+                                   grads.c_n.to(dt).contiguous() if cell == "lstm" else None, w_hh,
+                                   outputs.workspace, _lengths(a.lengths, x), bool(a.reverse), _block_h(cell, H, x))
         if cell != "gru":
             d_hid = d_in  # the input and hidden parts of the pre-activation are the same sum
-        _, hs, _ = split_workspace(cell, workspace, T, B, H)
-        dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, w_ih, hs, b_ih is not None)
-        return dx, dh0.to(dt), (dc0.to(dt) if cell == "lstm" else None), dw_ih, dw_hh, db_ih, db_hh, None
+        _, hs, _ = split_workspace(cell, outputs.workspace, T, B, H)
+        dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, a.w_ih, hs, a.b_ih is not None)
+        return LayerGrads(dx, dh0.to(dt), (dc0.to(dt) if cell == "lstm" else None), dw_ih, dw_hh, db_ih, db_hh,
+                          None)
 
 
 register(CudaBackend())
