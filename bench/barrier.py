@@ -4,11 +4,18 @@ One program per SM, one warp each (Triton issues a scalar atomic from lane 0 of 
 arrival per program), all spinning on one counter: the cheapest step handoff a persistent RNN kernel can have. Run
 in its own process by :func:`bench.floor.measure_grid_barrier`, with a timeout, because a barrier that never
 completes cannot be stopped from inside the process that launched it. Prints the seconds on the last line.
+
+``python -m bench.barrier --cuda`` prints instead the seconds per cooperative grid barrier of the CUDA backend
+(its ``measure_grid_barrier``, one block per SM as its layer kernels launch); :func:`costs` gathers both for the
+benchmark's JSON.
 """
 
 from __future__ import annotations
 
+import importlib
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -48,7 +55,65 @@ def measure(rounds: int = 2000) -> float:
     return max(timed(rounds + 1) - timed(1), 0.0) / rounds
 
 
+# Where the CUDA backend's host module lives: rnnfast.backends.cuda once the backends are a package, rnnfast.cuda
+# before.
+CUDA_MODULES = ("rnnfast.backends.cuda", "rnnfast.cuda")
+
+
+def cuda_measure_function():
+    """The CUDA backend's ``measure_grid_barrier`` (microseconds per barrier), wherever this version keeps it."""
+    import rnnfast  # noqa: F401  (registers the backends)
+
+    for name in CUDA_MODULES:
+        try:
+            fn = getattr(importlib.import_module(name), "measure_grid_barrier", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
+    raise RuntimeError(f"no measure_grid_barrier in {' or '.join(CUDA_MODULES)}")
+
+
+def measure_cuda() -> float:
+    """Seconds per cooperative grid barrier of the CUDA backend."""
+    return cuda_measure_function()(iters=2000, repeats=5) * 1e-6
+
+
+def _child(flag: list[str], timeout: float) -> float:
+    proc = subprocess.run([sys.executable, "-m", "bench.barrier", *flag], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeError(tail[-1] if tail else f"exit status {proc.returncode}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def costs(machine=None, cuda: bool = True, timeout: float = 90.0, log=print) -> dict:
+    """Microseconds per grid barrier: ``triton`` (this module's kernel; taken from the floor model's measurement
+    when ``machine`` has one) and ``cuda`` (the CUDA backend's, when ``cuda``), each in a child process with a
+    timeout; a measurement that fails or hangs gives None and its reason under ``errors``."""
+    out = {"triton_us": None, "cuda_us": None, "errors": {}}
+    known = ((machine.source if machine is not None else {}).get("handoffs_s") or {}).get("grid barrier")
+    if known is not None:
+        out["triton_us"] = known * 1e6
+    jobs = [("triton_us", [])] if known is None else []
+    if cuda:
+        jobs.append(("cuda_us", ["--cuda"]))
+    else:
+        out["errors"]["cuda_us"] = "not measured: the cuda backend is not benchmarked in this run"
+    for key, flag in jobs:
+        try:
+            out[key] = _child(flag, timeout) * 1e6
+        except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as exc:
+            out["errors"][key] = f"{type(exc).__name__}: {exc}"[:300]
+            log(f"grid barrier {key[:-3]}: not measured ({out['errors'][key]})")
+    done = [f"{k[:-3]} {v:.2f} µs" for k, v in out.items() if k.endswith("_us") and v is not None]
+    if done:
+        log("grid barrier: " + ", ".join(done))
+    return out
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("bench.barrier: needs a CUDA GPU")
-    print(repr(measure()))
+    print(repr(measure_cuda() if "--cuda" in sys.argv[1:] else measure()))

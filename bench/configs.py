@@ -13,7 +13,15 @@ Groups (``GROUPS``) name the sets the runner, the pytest-benchmark tests and the
 - ``flashrnn-h768``: LSTM B=16, T=1024, I=H=768 in bfloat16 and float16 (cuDNN on an H100, published with
   FlashRNN: 2.01 ms forward, 5.19 ms forward+backward in float16);
 - ``quick``: the anchors and a B x H slice in bfloat16, a few minutes on a GPU;
-- ``cpu`` / ``cpu-quick``: small shapes for a machine without a GPU.
+- ``packed``: LSTM and GRU, B=64, T=1024, I=H=512 in bfloat16 and float16, each fed as a ``PackedSequence`` whose
+  lengths are drawn uniformly from [1, T] (seeded: :func:`lengths`), followed by its padded twin (every sequence
+  T long, the same shape), so the runner can report packed against padded time;
+- ``lease``: what one GPU lease benchmarks (``bench/gpu_run.sh``): the anchors, ``packed``, then the rest of
+  ``quick``, most important first, since a run that reaches its time limit keeps what it measured;
+- ``cpu`` / ``cpu-quick``: small shapes for a machine without a GPU; ``cpu-lease``: the same kinds as ``lease``
+  (float32, bfloat16, float16, packed and padded) at toy sizes, for the CPU dry run of ``bench/gpu_run.sh``.
+
+A packed configuration's id ends its shape with ``-packed`` (``lstm-B64-T1024-H512-packed-bf16``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
@@ -44,6 +52,7 @@ class Config:
     layers: int = 1
     bidirectional: bool = False
     dtype: str = "float32"
+    packed: bool = False  # fed as a PackedSequence with the lengths of :func:`lengths`
     # Published numbers to print beside ours, e.g. {"cudnn-H100-float16": {"inference": 2.01, "training": 5.19}}
     # in ms; only as context: a ratio measured in the same run is what counts.
     published: dict = field(default_factory=dict, compare=False, hash=False)
@@ -67,6 +76,8 @@ class Config:
             s += f"-L{self.layers}"
         if self.bidirectional:
             s += "-bi"
+        if self.packed:
+            s += "-packed"
         return f"{s}-{SHORT[self.dtype]}"
 
     @property
@@ -81,9 +92,22 @@ class Config:
         """Input size of each layer: the first reads ``input``, the others the previous layer's output."""
         return [self.input] + [self.hidden * self.directions] * (self.layers - 1)
 
+    def padded(self) -> "Config":
+        """The same shape fed as a padded tensor (every sequence ``seq_len`` long): a packed one's twin."""
+        return replace(self, packed=False, published={})
+
+
+def lengths(cfg: Config, seed: int = 3) -> list[int]:
+    """The sequence lengths of a packed configuration: uniform on [1, T], drawn from ``seed`` (the same in every
+    run and on every machine), in batch order."""
+    import torch  # here, not at the top: importing the registry stays cheap
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, cfg.seq_len + 1, (cfg.batch,), generator=g).tolist()
+
 
 _ID_RE = re.compile(r"^(?P<cell>[a-z_]+)-B(?P<B>\d+)-T(?P<T>\d+)-H(?P<H>\d+)(?:-I(?P<I>\d+))?(?:-L(?P<L>\d+))?"
-                    r"(?P<bi>-bi)?-(?P<dtype>[a-z0-9]+)$")
+                    r"(?P<bi>-bi)?(?P<packed>-packed)?-(?P<dtype>[a-z0-9]+)$")
 
 
 def parse_id(text: str) -> Config:
@@ -91,11 +115,11 @@ def parse_id(text: str) -> Config:
     m = _ID_RE.match(text)
     if not m:
         raise ValueError(f"{text!r} is not a configuration id like 'lstm-B64-T100-H512-fp32' "
-                         "(optional -I<input> -L<layers> -bi before the dtype)")
+                         "(optional -I<input> -L<layers> -bi -packed before the dtype)")
     H = int(m["H"])
     return Config(cell=parse_cell(m["cell"]), batch=int(m["B"]), hidden=H, input=int(m["I"] or H),
                   seq_len=int(m["T"]), layers=int(m["L"] or 1), bidirectional=bool(m["bi"]),
-                  dtype=parse_dtype(m["dtype"]))
+                  packed=bool(m["packed"]), dtype=parse_dtype(m["dtype"]))
 
 
 def parse_dtype(text: str) -> str:
@@ -133,6 +157,15 @@ FLASHRNN_H768 = [Config("lstm", batch=16, hidden=768, input=768, seq_len=1024, d
 BIDIR = [Config("lstm", batch=64, hidden=512, input=512, seq_len=256, layers=2, bidirectional=True, dtype=d)
          for d in GRID_DTYPES]
 ANCHORS = FASTRNNS + FLASHRNN_H768
+PACKED_AIM = 1.2  # a packed batch should take at most this many times the padded batch of the same shape
+# Each packed case is followed by its padded twin: the ratio of the two times is what the packed path costs.
+PACKED = [cfg for c, d in itertools.product(("lstm", "gru"), ("bfloat16", "float16"))
+          for p in [Config(c, batch=64, hidden=512, input=512, seq_len=1024, dtype=d, packed=True)]
+          for cfg in (p, p.padded())]
+QUICK = ANCHORS + _grid(GRID_CELLS, (16, 256), (256, 1024), (256,), ("bfloat16",))
+_CPU_PACKED = [cfg for c, d in (("lstm", "bfloat16"), ("gru", "float16"))
+               for p in [Config(c, batch=4, hidden=16, input=16, seq_len=8, dtype=d, packed=True)]
+               for cfg in (p, p.padded())]
 
 GROUPS: dict[str, list[Config]] = {
     "grid": _grid(GRID_CELLS, GRID_BATCH, GRID_HIDDEN, GRID_SEQ, GRID_DTYPES) + BIDIR + ANCHORS,
@@ -141,10 +174,15 @@ GROUPS: dict[str, list[Config]] = {
     "bidir": BIDIR,
     "anchors": ANCHORS,
     # Enough to plot speedup across B and H in one dtype; the anchors carry the other dtypes.
-    "quick": ANCHORS + _grid(GRID_CELLS, (16, 256), (256, 1024), (256,), ("bfloat16",)),
+    "quick": QUICK,
+    "packed": PACKED,
+    "lease": ANCHORS + PACKED + [c for c in QUICK if c not in ANCHORS],
     "cpu": _grid(GRID_CELLS, (1, 16), (64, 128), (32,), ("float32",))
            + [Config("lstm", batch=4, hidden=32, input=32, seq_len=16, layers=2, bidirectional=True)],
     "cpu-quick": _grid(GRID_CELLS, (8,), (64,), (32,), ("float32",)),
+    # The kinds of "lease" at toy sizes: an fp32 anchor-like LSTM, a bfloat16 slice point, packed and padded.
+    "cpu-lease": [Config("lstm", batch=4, hidden=16, input=16, seq_len=8)] + _CPU_PACKED
+                 + _grid(("rnn_tanh",), (4,), (16,), (8,), ("bfloat16",)),
 }
 
 REGISTRY: dict[str, Config] = {c.id: c for group in GROUPS.values() for c in group}

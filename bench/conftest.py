@@ -6,6 +6,11 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # bench/test_smoke.py's marker; bench.watchdog (gpu_run.sh loads it) enforces it.
+    config.addinivalue_line("markers", "case_timeout(seconds): this test's own time limit under bench.watchdog")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -225,6 +225,7 @@ def gpu_machine(dtypes, measure: bool = True, log=print) -> Machine | None:
         what = min(handoffs, key=handoffs.get)
         sync = handoffs[what]
         source["sync_s"] = f"measured: the cheaper of {handoffs} s: {what}"
+        source["handoffs_s"] = handoffs
     else:
         log("no sync latency could be measured: counting none")
         sync, source["sync_s"] = 0.0, "not measured"

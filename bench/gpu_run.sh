@@ -1,125 +1,171 @@
 #!/usr/bin/env bash
-# The one script to run on the GPU machine: install offline, build the CUDA backend, run the tests, the
-# benchmark and the end-to-end run, writing a few small logs and result files into OUT.
+# One GPU lease's work in one command, within a time budget, writing at most 8 small files into OUT:
 #
 #   bench/gpu_run.sh OUT
 #
-# Environment:
-#   BENCH_ARGS    arguments of `python -m bench` (default: --quick)
-#   CHARLM_ARGS   arguments of `python -m bench.charlm` (default: none: 300 steps in bfloat16)
-#   RUN_BUDGET    seconds the whole script may take (default 540: the device tool stops a command at 600);
-#                 each step gets at most what is left, so a slow step cannot cost the results of the others
-#   SANITIZE_TOOLS  compute-sanitizer tools to run bench/sanitize.py under (default: racecheck)
-#   PYTEST_BENCH  set to 1 to also run `pytest bench/` (pytest-benchmark, a few minutes) into OUT/pytest-bench.json
-#   STEPS         the steps to run (default: install build tests bench charlm sanitize), to split the work over
-#                 several device calls, e.g. STEPS="install tests" TEST_ARGS=tests/test_triton.py, then STEPS="bench"
-#   TEST_ARGS     what the tests step passes to pytest (default: tests)
-#   TESTS_LIMIT   seconds the tests step may take (default 200)
+# The device tool gets the line in bench/gpu_command.txt (README, "Benchmarks"; `python -m bench.lease` prints it
+# with the tool's limits). Phases, in order, each under its own time limit and never past what is left of
+# RUN_BUDGET, all logging to OUT/run.log:
 #
-# Keeps going after a failing step, records it in OUT/summary.log and exits 1 at the end if any step failed.
+#   env      versions: GPU, driver, CUDA, cuDNN, torch, triton, Python, tools
+#   install  python3 -m pip install --no-deps --no-build-isolation -e .  (offline: no network, no dependencies;
+#            with --no-index --disable-pip-version-check, so that pip does not try the network at all)
+#   imports  where rnnfast is imported from and which backends loaded
+#   cuda     the CUDA library: python -m rnnfast.build, for sm_90 only, into build/cuda; a build already there (left
+#            by an earlier call on the same machine, or carried) is used as is. If this fails, the smoke tests and
+#            the benchmark leave the cuda backend out rather than build it again.
+#   smoke    bench/test_smoke.py under bench.watchdog: at most SMOKE_LIMIT s, each test at most CASE_TIMEOUT s
+#   bench    python -m bench on the "lease" group against cuDNN in the same process, with the grid-barrier cost
+#            and the dispatch table: bench.json, bench.md, two plots, dispatch_table.json
+#   results  checks that OUT's files all come back, then prints the short table last
+#
+# Environment:
+#   RUN_BUDGET    seconds the whole run may take (default 480: the tool allows 600 a command, and a 15-minute
+#                 lease must also hold the machine start and one rerun after a fix)
+#   PHASES        the optional phases to run (default "install cuda smoke bench"; env, imports and results always
+#                 run), e.g. PHASES=bench for a rerun on the same machine
+#   SMOKE_LIMIT   seconds for the smoke phase (default 180); CASE_TIMEOUT: seconds per smoke test (default 60)
+#   SMOKE_ARGS    what pytest gets in the smoke phase (default bench/test_smoke.py)
+#   BENCH_ARGS    what python -m bench gets (default: the lease group; see below)
+#   CUDA_LIB_CMD  the command that provides the CUDA library (default: python -m rnnfast.build)
+#   RNNFAST_DRY_RUN=1  the CPU dry run (CI: tests/test_gpu_run.py): every phase in its CPU form. No install (a
+#                 check of what it needs), no build (a check of its entry point), the smoke tests and a tiny
+#                 benchmark on the CPU with the Triton interpreter.
+#
+# Exit status 1 when a phase failed or had no time left (each is named at the end), else 0.
 # Commit what comes back under bench/results/<date>-<gpu>/.
 set -u
-set -f  # no globbing: BENCH_ARGS may hold patterns such as lstm-*, meant for the runner
+set -f  # no globbing: BENCH_ARGS may hold patterns such as 'cuda*', meant for the runner
 
 OUT=${1:?usage: bench/gpu_run.sh OUT_DIR}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
 
 PY=${PYTHON:-python3}
-BENCH_ARGS=${BENCH_ARGS:---quick}
-CHARLM_ARGS=${CHARLM_ARGS:-}
-RUN_BUDGET=${RUN_BUDGET:-540}
-SANITIZE_TOOLS=${SANITIZE_TOOLS:-racecheck}
-STEPS=" ${STEPS:-install build tests bench charlm sanitize} "
-TEST_ARGS=${TEST_ARGS:-tests}
-TESTS_LIMIT=${TESTS_LIMIT:-200}
+DRY=${RNNFAST_DRY_RUN:-0}
+RUN_BUDGET=${RUN_BUDGET:-480}
+PHASES=" ${PHASES:-install cuda smoke bench} "
+SMOKE_LIMIT=${SMOKE_LIMIT:-180}
+CASE_TIMEOUT=${CASE_TIMEOUT:-60}
+SMOKE_ARGS=${SMOKE_ARGS:-bench/test_smoke.py}
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU forms, even on a machine with a GPU
+    tiny="--budget 0.01 --min-reps 2 --max-reps 3 --warmup 1"
+    BENCH_ARGS=${BENCH_ARGS:---configs cpu-lease --device cpu --exclude-providers reference,torch $tiny}
+    CUDA_LIB_CMD=${CUDA_LIB_CMD:-$PY -m rnnfast.build --help}
+else
+    # The reference (a Python loop) and torch (the baseline's own call) would only spend the lease.
+    BENCH_ARGS=${BENCH_ARGS:---configs lease --exclude-providers reference,torch --budget 0.2}
+    CUDA_LIB_CMD=${CUDA_LIB_CMD:-$PY -m rnnfast.build}
+fi
+export RNNFAST_BUILD_DIR=${RNNFAST_BUILD_DIR:-$REPO/build/cuda}
+export RNNFAST_CUDA_ARCHS=${RNNFAST_CUDA_ARCHS:-9.0}
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then
     export CUDA_HOME=/usr/local/cuda  # torch otherwise guesses /usr/local and cannot link cudart
 fi
 export PYTHONUNBUFFERED=1
 
-SUMMARY="$OUT/summary.log"
+LOG=$OUT/run.log
+SUMMARY=$OUT/summary.txt
+: >"$LOG"
 : >"$SUMMARY"
+RESERVE=15   # seconds kept back for the results phase (and the last phase's kill delay)
+MIN_PHASE=10 # a phase with less time than this is not started
 FAILED=()
 
-wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+say() { echo "$*" | tee -a "$SUMMARY"; }  # stdout is what the device tool returns
+wanted() { [[ "$PHASES" == *" $1 "* ]]; }
 
-# step NAME LIMIT_SECONDS COMMAND...: run COMMAND into OUT/NAME.log within min(LIMIT, what is left of the budget).
-step() {
-    local name=$1 limit=$2
+# phase NAME LIMIT COMMAND...: COMMAND appended to run.log, stopped after LIMIT seconds or when the budget less
+# RESERVE runs out, whichever comes first. Returns COMMAND's status.
+phase() {
+    local name=$1 limit=$2 left start offset rc
     shift 2
-    local left=$((RUN_BUDGET - SECONDS - 5))
-    if [ "$left" -lt "$limit" ]; then limit=$left; fi
-    if [ "$limit" -lt 15 ]; then
-        echo "== $name: skipped, no time left in the ${RUN_BUDGET} s budget" | tee -a "$SUMMARY"
+    left=$((RUN_BUDGET - SECONDS - RESERVE))
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt "$MIN_PHASE" ]; then
+        say "== $name: skipped, $((RUN_BUDGET - SECONDS)) s left of the ${RUN_BUDGET} s budget"
         FAILED+=("$name(no time)")
-        return 0
+        return 1
     fi
-    echo "== $name (limit ${limit} s): $*" | tee -a "$SUMMARY"
-    local t0=$SECONDS rc
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    say "== $name (limit ${limit} s): $*"
+    printf '\n===== %s (limit %s s, at %s s): %s\n' "$name" "$limit" "$SECONDS" "$*" >>"$LOG"
+    start=$SECONDS
+    offset=$(wc -c <"$LOG")
+    timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
-    echo "   $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$SUMMARY"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        say "   $name: stopped at its ${limit} s limit (rc=$rc)"
+    else
+        say "   $name: rc=$rc after $((SECONDS - start)) s"
+    fi
     if [ "$rc" -ne 0 ]; then
         FAILED+=("$name(rc=$rc)")
-        tail -n 15 "$OUT/$name.log"
+        tail -c +"$((offset + 1))" "$LOG" | tail -n 12 | sed 's/^/   | /'
     fi
-    return 0
+    return "$rc"
 }
 
-versions() {
-    date -u +%Y-%m-%dT%H:%M:%SZ
-    nvidia-smi || true
-    nvcc --version || true
-    "$PY" - <<'EOF'
-import platform, torch
-print("python", platform.python_version())
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as exc:
-    print("triton missing:", exc)
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("gpu", torch.cuda.get_device_name(0), "sm", p.major, p.minor, "SMs", p.multi_processor_count)
-for mod in ("pytest", "pytest_benchmark", "matplotlib", "tqdm", "numpy", "ninja"):
-    try:
-        m = __import__(mod)
-        print(mod, getattr(m, "__version__", "?"))
-    except ImportError:
-        print(mod, "not installed")
-EOF
-}
+say "== gpu_run.sh in $REPO, budget ${RUN_BUDGET} s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU'), out $OUT"
+phase env 60 "$PY" -m bench.lease env
 
-versions >"$OUT/env.log" 2>&1
-echo "== env: versions in env.log" | tee -a "$SUMMARY"
-wanted install && step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
-if [ -f rnnfast/build.py ] && wanted build; then
-    step build 300 "$PY" -m rnnfast.build
+if wanted install; then
+    if [ "$DRY" = 1 ]; then
+        phase install 30 "$PY" -m bench.lease install-check
+    else
+        # --no-index and no version check: with no network, pip would otherwise retry PyPI before giving up.
+        phase install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check \
+            -e .
+    fi
 fi
-# -rfE: the failures' names at the end of the log, even when the run is cut short by the step's timeout.
-wanted tests && step tests "$TESTS_LIMIT" "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider $TEST_ARGS
-# Leave about 100 s for the steps after it. The runner measures nothing new past --time-limit and writes what
-# it has (also when `timeout` sends it SIGTERM), so its results survive a slow run.
-limit=$((RUN_BUDGET - SECONDS - 130))
-if [ "$limit" -gt 300 ]; then limit=300; fi
-if [ "$limit" -lt 30 ]; then limit=30; fi
-wanted bench && step bench "$((limit + 60))" "$PY" -m bench $BENCH_ARGS --time-limit "$limit" --out "$OUT"
-wanted charlm && step charlm 90 "$PY" -m bench.charlm $CHARLM_ARGS --out "$OUT"
-if [ "${PYTEST_BENCH:-0}" = 1 ]; then
-    step pytest-bench 240 "$PY" -m pytest -q -p no:cacheprovider bench --benchmark-json "$OUT/pytest-bench.json"
-fi
-if [ -f bench/sanitize.py ] && command -v compute-sanitizer >/dev/null && wanted sanitize; then
-    for tool in $SANITIZE_TOOLS; do
-        step "sanitize-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.sanitize
-    done
+phase imports 60 "$PY" -m bench.lease imports
+
+CUDA_LEFT_OUT=0
+if wanted cuda; then
+    cached=$(find "$RNNFAST_BUILD_DIR" -maxdepth 2 -name 'rnnfast_cuda*.so' 2>/dev/null | head -n 1)
+    say "   CUDA library: ${cached:+a build is there already ($cached); }RNNFAST_BUILD_DIR=$RNNFAST_BUILD_DIR" \
+        "RNNFAST_CUDA_ARCHS=$RNNFAST_CUDA_ARCHS"
+    # shellcheck disable=SC2086  # a command line, split into words on purpose
+    if ! phase cuda 200 $CUDA_LIB_CMD; then
+        CUDA_LEFT_OUT=1
+        say "   the smoke tests and the benchmark leave the cuda backend out"
+    fi
 fi
 
-echo "== total $SECONDS s" | tee -a "$SUMMARY"
+if wanted smoke; then
+    if [ "$CUDA_LEFT_OUT" = 1 ]; then
+        export RNNFAST_SMOKE_BACKENDS=triton  # every kernel backend but cuda
+    fi
+    # -v: each test's outcome is in the log as it ends, even if the phase is stopped before pytest's summary.
+    # shellcheck disable=SC2086
+    phase smoke "$SMOKE_LIMIT" "$PY" -m bench.watchdog --case-timeout "$CASE_TIMEOUT" -- $SMOKE_ARGS -v -rfEs \
+        -p no:cacheprovider
+fi
+
+if wanted bench; then
+    left=$((RUN_BUDGET - SECONDS - RESERVE))
+    # The runner starts nothing new after --time-limit and then writes what it has: 30 s for that.
+    measure=$((left - 30))
+    if [ "$measure" -lt 10 ]; then measure=10; fi
+    EXTRA=()
+    if [ "$CUDA_LEFT_OUT" = 1 ]; then EXTRA=(--exclude-providers 'cuda*'); fi
+    # shellcheck disable=SC2086
+    phase bench "$left" "$PY" -m bench $BENCH_ARGS ${EXTRA[@]+"${EXTRA[@]}"} --time-limit "$measure" --out "$OUT" \
+        --table "$OUT/dispatch_table.json"
+fi
+
+say "== results"
+files=$(timeout 20 "$PY" -m bench.lease check-out "$OUT" 2>&1)
+rc=$?
+say "$files"
+if [ "$rc" -ne 0 ]; then FAILED+=("results(rc=$rc)"); fi
+say "== total ${SECONDS} s of the ${RUN_BUDGET} s budget"
 if [ "${#FAILED[@]}" -gt 0 ]; then
-    echo "FAILED: ${FAILED[*]}" | tee -a "$SUMMARY"
-    exit 1
+    say "FAILED: ${FAILED[*]}"
+else
+    say "all phases passed"
 fi
-echo "all steps passed" | tee -a "$SUMMARY"
+echo | tee -a "$SUMMARY"
+timeout 20 "$PY" -m bench.summary "$OUT" --write "$SUMMARY"
+[ "${#FAILED[@]}" -eq 0 ]

@@ -6,6 +6,9 @@ several copies of the input, together larger than twice the L2 cache, so a small
 warm cache. :func:`time_workload` times it with CUDA events on a GPU (``time.perf_counter`` on the CPU) after
 warm-up, as many runs as fit in a time budget; :func:`check` compares its outputs and gradients with a float64
 oracle under the flash-attention rule (error at most twice the same-precision baseline's error, plus atol).
+
+A packed configuration's inputs are ``PackedSequence`` objects (built before timing, as a caller holds them); its
+output ``y`` and the gradient ``g`` are then the packed data, one row per real step of a sequence.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import statistics
 import time
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from rnnfast.testing import TOLERANCES, baseline_error
 
 MODES = ("inference", "training")
-# The dtype's atol, as in tests/conftest.py's TOLERANCES (the suite's one table; mirrored so bench runs alone).
-ATOL = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 2e-2, "float16": 2e-3}
-BASELINE_FACTOR = 2.0
+# The dtype's atol by name, from rnnfast.testing: the one tolerance table the test suite and rnnfast.tune use too.
+ATOL = {str(dtype).removeprefix("torch."): atol for dtype, (atol, _) in TOLERANCES.items()}
 
 
 def synchronize(device) -> None:
@@ -37,11 +42,13 @@ def rotation_copies(nbytes: int, device, cap: int = 4096) -> int:
     return max(1, min(cap, math.ceil(2 * cache / max(nbytes, 1))))
 
 
-def make_inputs(cfg, device, copies: int | None = None, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+def make_inputs(cfg, device, copies: int | None = None, seed: int = 1) -> tuple[list, torch.Tensor]:
     """``copies`` random inputs ``(T, B, I)`` (default: enough to defeat the cache) and a grad ``g`` for ``y``.
 
     The first input and ``g`` are drawn in float32 on the CPU from ``seed``, so the checked numbers do not depend on
-    the device or dtype; the other copies only need to be different memory, and are drawn on the device.
+    the device or dtype; the other copies only need to be different memory, and are drawn on the device. For a
+    packed ``cfg`` each input is a ``PackedSequence`` of the configuration's lengths (``configs.lengths``) and
+    ``g`` has one row per packed step.
     """
     dtype = getattr(torch, cfg.dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -51,12 +58,34 @@ def make_inputs(cfg, device, copies: int | None = None, seed: int = 1) -> tuple[
     first = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     # One allocation for the rest: thousands of tiny inputs would otherwise cost thousands of copies.
     rest = torch.randn((copies - 1, *shape), device=device, dtype=dtype).unbind(0) if copies > 1 else ()
-    g = torch.randn(cfg.seq_len, cfg.batch, cfg.hidden * cfg.directions, generator=gen).to(device=device, dtype=dtype)
-    return [first, *rest], g
+    xs = [first, *rest]
+    rows = (cfg.seq_len, cfg.batch)
+    if cfg.packed:
+        from .configs import lengths
+
+        lens = torch.tensor(lengths(cfg))
+        xs = [pack_padded_sequence(x, lens, enforce_sorted=False) for x in xs]
+        rows = (int(lens.sum()),)
+    g = torch.randn(*rows, cfg.hidden * cfg.directions, generator=gen).to(device=device, dtype=dtype)
+    return xs, g
+
+
+def _leaf(x, requires_grad: bool):
+    """``x`` (a tensor or a ``PackedSequence``) as a fresh leaf whose data may require grad."""
+    if isinstance(x, PackedSequence):
+        return PackedSequence(x.data.detach().requires_grad_(requires_grad), x.batch_sizes, x.sorted_indices,
+                              x.unsorted_indices)
+    return x.detach().requires_grad_(requires_grad)
+
+
+def _data(x) -> torch.Tensor:
+    """The tensor that holds ``x``'s values (a ``PackedSequence``'s packed data)."""
+    return x.data if isinstance(x, PackedSequence) else x
 
 
 def _flatten(out) -> dict[str, torch.Tensor]:
     y, state = out
+    y = _data(y)
     if isinstance(state, tuple):  # LSTM
         return {"y": y, "h_n": state[0], "c_n": state[1]}
     return {"y": y, "h_n": state}
@@ -69,14 +98,14 @@ class Workload:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.module, self.g, self.mode = module, g, mode
-        self.xs = [x.detach().requires_grad_(mode == "training") for x in xs]
+        self.xs = [_leaf(x, mode == "training") for x in xs]
         self._last = 0
 
     def reset(self) -> None:
         """Drop the gradients of the previous run (outside what is measured: no kernels, no allocation)."""
         if self.mode == "training":
             self.module.zero_grad(set_to_none=True)
-            self.xs[self._last].grad = None
+            _data(self.xs[self._last]).grad = None
 
     def run(self, i: int):
         self._last = i % len(self.xs)
@@ -85,7 +114,7 @@ class Workload:
             with torch.no_grad():
                 return self.module(x)
         out = self.module(x)
-        out[0].backward(self.g)
+        _data(out[0]).backward(self.g)
         return out
 
     def results(self) -> dict[str, torch.Tensor]:
@@ -93,7 +122,7 @@ class Workload:
         self.reset()
         res = {k: v.detach() for k, v in _flatten(self.run(0)).items()}
         if self.mode == "training":
-            res["dx"] = self.xs[0].grad
+            res["dx"] = _data(self.xs[0]).grad
             for name, p in self.module.named_parameters():
                 res[f"d{name}"] = p.grad
         self.reset()
@@ -168,7 +197,6 @@ def check(actual: dict, oracle: dict, baseline: dict, dtype: str) -> dict:
     Returns ``{"ok", "worst", "error", "bound", "baseline_error"}`` for the tensor closest to (or furthest past)
     its bound; a missing tensor, a shape mismatch or a NaN fails.
     """
-    atol = ATOL[dtype]
     worst = {"ok": True, "worst": None, "error": 0.0, "bound": 0.0, "baseline_error": 0.0, "ratio": -1.0}
     for key, ref in oracle.items():
         a, b = actual.get(key), baseline.get(key)
@@ -177,9 +205,7 @@ def check(actual: dict, oracle: dict, baseline: dict, dtype: str) -> dict:
             return {"ok": False, "worst": key, "error": float("nan"), "bound": float("nan"),
                     "baseline_error": float("nan"), "ratio": float("inf"), "note": f"{key} {got}"}
         ref64 = ref.double()
-        err = (a.double() - ref64).abs().max().item() if a.numel() else 0.0
-        base = (b.double() - ref64).abs().max().item() if (b is not None and b.numel()) else 0.0
-        bound = BASELINE_FACTOR * base + atol
+        err, bound, base = baseline_error(a.to(getattr(torch, dtype)), ref64, ref64 if b is None else b)
         ok = err <= bound  # False for NaN
         ratio = float("inf") if math.isnan(err) else err / bound
         if not ok or ratio > worst["ratio"]:

@@ -1,8 +1,9 @@
 """Who gets benchmarked: torch.nn (cuDNN on a GPU) and every rnnfast backend the registry has at run time.
 
-Nothing here knows which kernel backends exist: :func:`discover` asks :mod:`rnnfast.backends` for each name of
-``AUTO_ORDER`` that loaded and lists one provider per mode (``triton:fused``, ``triton:hoisted``), then ``auto``.
-Every provider's module is built from the torch.nn module's ``state_dict``, so all of them hold the same weights.
+Nothing here knows which backends exist: :func:`discover` asks :mod:`rnnfast.backends` for each name it knows
+(``BACKENDS``; ``AUTO_ORDER`` in older versions) that loaded and lists one provider per mode (``triton:fused``,
+``triton:hoisted``), then ``auto``. Every provider's module is built from the torch.nn module's ``state_dict``, so
+all of them hold the same weights.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def layer_specs(cfg: Config, device) -> list[backends.LayerSpec]:
     dev = torch.device(device)
     return [backends.LayerSpec(cell=cfg.cell, device=dev, dtype=getattr(torch, cfg.dtype), seq_len=cfg.seq_len,
                                batch=cfg.batch, input_size=I, hidden_size=cfg.hidden, proj_size=0, bias=True,
-                               has_lengths=False)
+                               has_lengths=cfg.packed)
             for I in cfg.layer_inputs()]
 
 
@@ -98,11 +99,13 @@ def discover(device) -> tuple[list[Provider], dict[str, str]]:
     """The providers of this run, baseline first, and the backends that did not load (name -> reason)."""
     providers = [Provider(baseline_name(device), None)]
     missing: dict[str, str] = {}
-    for base in backends.AUTO_ORDER:
+    for base in getattr(backends, "BACKENDS", None) or backends.AUTO_ORDER:
         try:
             be = backends.get(base)
         except backends.BackendUnavailableError as exc:
             missing[base] = str(exc)
+            continue
+        except ValueError:  # a name this version does not know (e.g. no "reference" any more): nothing to time
             continue
         names = [f"{base}:{mode}" for mode in be.modes] or [base]
         providers += [Provider(n, n) for n in names]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import floor as floor_model
+from .configs import PACKED_AIM
 
 REPO = Path(__file__).resolve().parents[1]
 MODE_TITLES = {"inference": "Inference: forward under no_grad", "training": "Training: forward + backward"}
@@ -165,9 +166,38 @@ def markdown(payload: dict) -> str:
                          f"{_g(r.get('speedup'), 2)} | {_g(r.get('floor_us_per_step'))} | {_g(r.get('x_floor'), 2)} | "
                          f"{_g(r.get('peak_mem_mb'))} | {_check_cell(r)} |")
         lines.append("")
+    lines += _packed(payload)
+    lines += _barrier(payload)
     lines += _published(payload)
     lines += _not_run(payload)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _packed(payload) -> list[str]:
+    rows = [r for r in payload["results"] if r.get("packed") and r["status"] == "ok" and r.get("time_ms")]
+    if not rows:
+        return []
+    out = ["## Packed sequences", "",
+           f"The same provider fed a `PackedSequence` (lengths uniform on [1, T], seeded) and the padded batch of the "
+           f"same shape (every sequence T long); the aim is packed <= {PACKED_AIM}x padded.", "",
+           "| config | provider | mode | real steps | packed ms | padded ms | packed / padded |",
+           "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r.get("packed_vs_padded")
+        mark = "" if ratio is None or ratio <= PACKED_AIM else f" (over {PACKED_AIM})"
+        out.append(f"| {r['config']} | {r['provider']} | {r['mode']} | {r.get('steps', '')} | "
+                   f"{_g(r['time_ms']['median'])} | {_g(r.get('padded_ms'))} | {_g(ratio)}{mark} |")
+    return out + [""]
+
+
+def _barrier(payload) -> list[str]:
+    b = payload.get("grid_barrier")
+    if not b:
+        return []
+    parts = [f"{name} {_g(b.get(f'{name}_us'))} µs" if b.get(f"{name}_us") is not None
+             else f"{name} not measured ({b.get('errors', {}).get(f'{name}_us', '?')})" for name in ("cuda", "triton")]
+    return ["## Grid barrier", "", "One grid-wide barrier with one block (program) per SM: " + "; ".join(parts) + ".",
+            ""]
 
 
 def _published(payload) -> list[str]:
@@ -210,7 +240,8 @@ def plots(payload: dict, out_dir: Path, log=print) -> list[Path]:
         log("matplotlib is not installed (pip install -e '.[bench]'): no plots written")
         return []
     rows = [r for r in payload["results"] if r["status"] == "ok" and r.get("speedup") and not r.get("baseline")
-            and r["layers"] == 1 and not r["bidirectional"] and r["provider"] != "auto" and not r.get("anchor")]
+            and r["layers"] == 1 and not r["bidirectional"] and r["provider"] != "auto" and not r.get("anchor")
+            and not r.get("packed")]
     kernels = {r["provider"] for r in rows} - {"reference"}
     if kernels:  # the Python-loop reference would squash the kernels' scale
         rows = [r for r in rows if r["provider"] in kernels]

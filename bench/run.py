@@ -3,7 +3,10 @@
 For each configuration all providers are measured in the same run, in both modes: each is first checked against a
 float64 oracle (a wrong one is reported as wrong, with no time), then timed and its peak memory taken. Writes
 ``bench.json`` (stamped with GPU, driver, CUDA, cuDNN, torch and triton versions), ``bench.md`` (time, µs per
-step, speedup against the baseline, per-step floor) and ``bench-speedup-<mode>.png`` into ``--out``.
+step, speedup against the baseline, per-step floor) and ``bench-speedup-<mode>.png`` into ``--out``; with
+``--table PATH`` also the dispatch table ``backend="auto"`` reads (:mod:`rnnfast.dispatch`), from this run's
+results. A packed configuration's rows carry the time of its padded twin, when that ran too, and the ratio. On a
+GPU the cost of the CUDA backend's grid barrier is measured as well (in a child process, with a timeout).
 Without a GPU it runs the small CPU grid (torch.nn on the CPU and the rnnfast reference) and says so.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import barrier
 from . import configs as C
 from . import floor as floor_model
 from . import measure, providers as P, report
@@ -42,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtypes", action="append", metavar="LIST", help="keep these dtypes (float32, bf16, ...)")
     ap.add_argument("--providers", action="append", metavar="LIST",
                     help="keep these providers (names or globs, e.g. 'triton*'); the baseline is always kept")
+    ap.add_argument("--exclude-providers", action="append", metavar="LIST",
+                    help="leave out these providers (names or globs; one that matches nothing is no error); "
+                         "never the baseline")
     ap.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                     help="auto: the GPU when there is one")
@@ -56,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no new configuration after this many seconds; write what was measured")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--table", type=Path, default=None, metavar="PATH",
+                    help="also write the dispatch table auto reads (rnnfast/dispatch_table.json's format) from this "
+                         "run's single-layer, unpacked results")
     ap.add_argument("--list", action="store_true", help="print the selected configurations and exit")
     args = ap.parse_args(argv)
 
@@ -75,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not args.modes:
         ap.error(f"--modes: expected inference and/or training, got {args.modes}")
     args.providers = _split(args.providers)
+    args.exclude_providers = _split(args.exclude_providers)
     if args.budget is None:
         args.budget = 0.3 if args.device == "cuda" else 0.1
     if args.time_limit is not None and args.time_limit <= 0:
@@ -94,12 +105,21 @@ def keep_providers(providers: list[P.Provider], patterns: list[str] | None) -> l
     return [q for q in providers if q.is_baseline or any(fnmatch.fnmatchcase(q.name, p) for p in patterns)]
 
 
+def drop_providers(providers: list[P.Provider], patterns: list[str] | None) -> list[P.Provider]:
+    """``providers`` less those matching any of ``patterns`` (the baseline always stays)."""
+    return [q for q in providers
+            if q.is_baseline or not any(fnmatch.fnmatchcase(q.name, p) for p in patterns or [])]
+
+
 def _row(cfg: C.Config, prov: P.Provider, mode: str, **kw) -> dict:
     row = {"config": cfg.id, "cell": cfg.cell, "batch": cfg.batch, "seq_len": cfg.seq_len, "hidden": cfg.hidden,
            "input": cfg.input, "layers": cfg.layers, "bidirectional": cfg.bidirectional, "dtype": cfg.dtype,
            "anchor": C.anchor_name(cfg), "provider": prov.name, "baseline": prov.is_baseline, "mode": mode,
            "backend": None, "status": None, "reason": None, "check": None, "time_ms": None, "us_per_step": None,
-           "speedup": None, "peak_mem_mb": None, "floor_us_per_step": None, "x_floor": None}
+           "speedup": None, "peak_mem_mb": None, "floor_us_per_step": None, "x_floor": None, "packed": cfg.packed}
+    if cfg.packed:
+        # steps: the real steps of all sequences; padded_*: the same provider on the padded twin (pair_packed).
+        row.update(steps=sum(C.lengths(cfg)), padded_config=cfg.padded().id, padded_ms=None, packed_vs_padded=None)
     if cfg.published:
         row["published"] = cfg.published
     row.update(kw)
@@ -111,16 +131,25 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def autograd_node(module, x) -> str:
+    """The name of the autograd node of ``module``'s output for ``x`` (a tensor: its first step; or a
+    ``PackedSequence``), which says which implementation torch.nn ran."""
+    packed = isinstance(x, torch.nn.utils.rnn.PackedSequence)
+    with torch.enable_grad():
+        y = module(x if packed else x[:1])[0]
+    node = (y.data if packed else y).grad_fn  # a PackedSequence's data; a tensor's .data would be detached
+    return type(node).__name__ if node is not None else "no autograd node"
+
+
 def _baseline_ran(module, x, device) -> str | None:
     """On a GPU, whether torch.nn really ran cuDNN (it leaves it for dtypes or shapes cuDNN does not take)."""
     if torch.device(device).type != "cuda":
         return None
     try:
-        with torch.enable_grad():
-            node = module(x[:1])[0].grad_fn  # cuDNN's autograd node is CudnnRnnBackward0
+        name = autograd_node(module, x)
     except Exception as exc:  # the real run reports the failure
         return f"unknown ({type(exc).__name__})"
-    name = type(node).__name__ if node is not None else "no autograd node"
+    # cuDNN's autograd node is CudnnRnnBackward0
     return "cudnn" if "Cudnn" in name else f"torch.nn, not cuDNN ({name})"
 
 
@@ -204,14 +233,55 @@ def bench_config(cfg: C.Config, providers: list[P.Provider], modes, device, mach
     return rows
 
 
+def pair_packed(rows: list[dict]) -> None:
+    """Give each timed packed row the same provider's time on the padded twin (same mode) and packed / padded."""
+    padded = {(r["config"], r["provider"], r["mode"]): r["time_ms"]["median"] for r in rows
+              if not r.get("packed") and r["status"] == "ok" and r.get("time_ms")}
+    for r in rows:
+        if r.get("packed") and r["status"] == "ok" and r.get("time_ms"):
+            ms = padded.get((r["padded_config"], r["provider"], r["mode"]))
+            if ms:
+                r.update(padded_ms=ms, packed_vs_padded=r["time_ms"]["median"] / ms)
+
+
+def table_rows(payload: dict) -> list:
+    """The dispatch table rows (:func:`rnnfast.dispatch.rows_from_results`) of a run: one layer, one direction,
+    unpacked cases only, since a table key holds no layer count, direction or lengths."""
+    from rnnfast import dispatch
+
+    st = payload["stamp"]
+    results = [dict(provider=r["provider"], cell=r["cell"], dtype=r["dtype"], mode=r["mode"], batch=r["batch"],
+                    hidden=r["hidden"], seq_len=r["seq_len"], ok=r["status"] == "ok", us_per_step=r["us_per_step"])
+               for r in payload["results"] if r["layers"] == 1 and not r["bidirectional"] and not r.get("packed")]
+    dirty = ", dirty" if st["git_dirty"] else ""
+    source = f"python -m bench, {st['date']}, rnnfast {st['rnnfast']} ({st['git']}{dirty})"
+    return dispatch.rows_from_results(results, capability=st.get("capability") or st["device"],
+                                      gpu=st.get("gpu") or st.get("cpu") or "", source=source,
+                                      baseline=payload["baseline"])
+
+
+def write_table(path: Path, payload: dict, log=print) -> int:
+    """Write the dispatch table of ``payload`` to ``path``; the number of rows."""
+    from rnnfast import dispatch
+
+    rows = table_rows(payload)
+    st = payload["stamp"]
+    where = st.get("gpu") or f"CPU ({st.get('cpu')}), where auto never reads it"
+    dispatch.write_table(path, rows, about=f"written by python -m bench --table from a run on {where}, "
+                                           f"{st['date']}: the fastest correct provider per case")
+    log(f"wrote {path}: {len(rows)} dispatch table rows")
+    return len(rows)
+
+
 def run(args, providers=None, log=print) -> dict:
     """Benchmark ``args.selected`` and write the results into ``args.out``; returns the JSON payload."""
     device = args.device
     found, unloaded = P.discover(device)
-    providers = keep_providers(providers or found, args.providers)
+    providers = drop_providers(keep_providers(providers or found, args.providers),
+                               getattr(args, "exclude_providers", None))
     if device == "cpu":
-        log("No CUDA GPU here: running the CPU grid (torch.nn on the CPU and the rnnfast reference). These are not "
-            "kernel numbers: kernel numbers need a GPU (run bench/gpu_run.sh on one).")
+        log("No CUDA GPU here: running the CPU grid (torch.nn on the CPU and the rnnfast backends that run there). "
+            "These are not kernel numbers: kernel numbers need a GPU (run bench/gpu_run.sh on one).")
     log(f"{len(args.selected)} configurations x {len(providers)} providers ({', '.join(p.name for p in providers)}) "
         f"x {len(args.modes)} modes on {device}")
     for name, why in unloaded.items():
@@ -221,6 +291,11 @@ def run(args, providers=None, log=print) -> dict:
     if device == "cuda" and args.floor != "none":
         machine = floor_model.gpu_machine(sorted({c.dtype for c in args.selected}), measure=args.floor == "measure",
                                           log=log)
+    grid_barrier = None
+    if device == "cuda":
+        # The CUDA backend's cooperative barrier, only when that backend is benchmarked (else it would be built here).
+        cuda_run = any(p.backend and p.backend.split(":")[0] == "cuda" for p in providers)
+        grid_barrier = barrier.costs(machine, cuda=cuda_run, log=log)
     timing = {"warmup": args.warmup, "budget": args.budget, "min_reps": args.min_reps, "max_reps": args.max_reps}
     deadline = None if args.time_limit is None else t0 + args.time_limit
     rows, not_run, stopped = [], [], None
@@ -257,6 +332,7 @@ def run(args, providers=None, log=print) -> dict:
             signal.signal(signal.SIGTERM, previous)
     if not_run:
         log(f"{len(not_run)} configurations not run: " + (stopped or f"--time-limit {args.time_limit} s reached"))
+    pair_packed(rows)
     payload = {
         "stamp": report.stamp(device),
         "baseline": providers[0].name,
@@ -264,6 +340,7 @@ def run(args, providers=None, log=print) -> dict:
         "unloaded_backends": unloaded,
         "modes": args.modes,
         "machine": machine.to_json() if machine else None,
+        "grid_barrier": grid_barrier,
         "floor_model": floor_model.__doc__.split("\n\n", 1)[1].strip(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "selected"},
         "configs": [c.id for c in args.selected],
@@ -280,6 +357,12 @@ def run(args, providers=None, log=print) -> dict:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "wrong", "error", "oom", "n/a")}
     log(f"done in {payload['seconds']} s: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     log(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}" + "".join(f", {p}" for p in written))
+    if getattr(args, "table", None) is not None:
+        try:  # after the results are written, so a failure here cannot cost them
+            write_table(args.table, payload, log=log)
+        except Exception as exc:  # noqa: BLE001  (reported, and main exits 1)
+            payload["table_error"] = _short(exc)
+            log(f"writing the dispatch table {args.table} failed: {payload['table_error']}")
     return payload
 
 
@@ -297,4 +380,4 @@ def main(argv=None, providers=None) -> int:
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
     bad = [r for r in payload["results"] if r["status"] in ("wrong", "error", "oom")]
-    return 1 if bad or payload["stopped_by"] else 0
+    return 1 if bad or payload["stopped_by"] or payload.get("table_error") else 0

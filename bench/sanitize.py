@@ -49,7 +49,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--backends", help="comma-separated backend names (default: every loaded kernel backend)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated cells (default: {','.join(CELLS)})")
     args = ap.parse_args(argv)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    if not cells or any(c not in CELLS for c in cells):
+        ap.error(f"--cells {args.cells!r}: expected some of {','.join(CELLS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.sanitize: no CUDA GPU here, nothing to sanitize")
         return 0
@@ -66,15 +70,16 @@ def main(argv=None) -> int:
                 backends.check_name(n)
             except ValueError as exc:
                 ap.error(str(exc))
-    else:
+    else:  # every mode of every kernel backend (not torch's own implementation, not the reference)
+        kernel = getattr(backends, "KERNEL_BACKENDS", ("triton", "cuda"))
         names = [p.backend for p in discover(args.device)[0]
-                 if p.backend not in (None, "auto") and not p.backend.startswith("reference")]
+                 if p.backend not in (None, "auto") and backends.split_name(p.backend)[0] in kernel]
     if not names:
         print("bench.sanitize: no kernel backend is loaded, nothing to sanitize")
         return 0
     failed = 0
     for name in names:
-        for cell in CELLS:
+        for cell in cells:
             for dtype in dtypes:
                 try:
                     status = exercise(name, cell, dtype, args.device)

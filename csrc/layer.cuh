@@ -152,6 +152,63 @@ __device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B
   __syncthreads();
 }
 
+// The pointwise part of each cell, named and ordered as in rnnfast/reference.py, whose docstrings hold the
+// equations (rnn_update, gru_update, lstm_update and their _backward). Gate values are prefixed g in LSTM (gi, gf,
+// gg, go) only because g alone is the gate loop's index elsewhere.
+template <typename T>
+__device__ __forceinline__ T rnn_update(T pre, bool relu) {
+  if (relu) return pre < T(0) ? T(0) : pre;  // NaN passes through, as torch.relu lets it
+  return tanh_(pre);
+}
+
+template <typename T>
+__device__ __forceinline__ T rnn_update_backward(T dh, T h_new, bool relu) {
+  if (relu) return h_new > T(0) ? dh : T(0);
+  return dh * (T(1) - h_new * h_new);
+}
+
+// Returns h'; r, z, n out.
+template <typename T>
+__device__ __forceinline__ T gru_update(T gx_r, T gx_z, T gx_n, T gh_r, T gh_z, T gh_n, T h, T& r, T& z, T& n) {
+  r = sigmoid_(gx_r + gh_r);
+  z = sigmoid_(gx_z + gh_z);
+  n = tanh_(gx_n + r * gh_n);
+  return (T(1) - z) * n + z * h;
+}
+
+// dr, dz, dn (d_hid's n plane is dn * r) out; returns dh_direct.
+template <typename T>
+__device__ __forceinline__ T gru_update_backward(T dh, T h, T r, T z, T n, T gh_n, T& dr, T& dz, T& dn) {
+  dn = dh * (T(1) - z) * (T(1) - n * n);
+  dr = dn * gh_n * r * (T(1) - r);
+  dz = dh * (h - n) * z * (T(1) - z);
+  return dh * z;
+}
+
+// Returns h'; c' and the gates out.
+template <typename T>
+__device__ __forceinline__ T lstm_update(T pre_i, T pre_f, T pre_g, T pre_o, T c, T& c_new, T& gi, T& gf, T& gg,
+                                         T& go) {
+  gi = sigmoid_(pre_i);
+  gf = sigmoid_(pre_f);
+  gg = tanh_(pre_g);
+  go = sigmoid_(pre_o);
+  c_new = gf * c + gi * gg;
+  return go * tanh_(c_new);
+}
+
+// The four pre-activation gradients out (d[0..3]); returns dc_prev.
+template <typename T>
+__device__ __forceinline__ T lstm_update_backward(T dh, T dc, T c, T gi, T gf, T gg, T go, T (&d)[4]) {
+  const T tc = tanh_(gf * c + gi * gg);  // c_t again, in acc_t (c_n went out rounded)
+  const T dct = dc + dh * go * (T(1) - tc * tc);
+  d[0] = dct * gg * gi * (T(1) - gi);
+  d[1] = dct * c * gf * (T(1) - gf);
+  d[2] = dct * gi * (T(1) - gg * gg);
+  d[3] = dh * tc * go * (T(1) - go);
+  return dct * gf;
+}
+
 // The end of one forward step for sequence b, unit j, given the hidden and input parts of its pre-activations:
 // activations, the saved gates, the state update (a padded step keeps the state) and the outputs.
 template <int CELL, typename scalar_t, typename acc_t>
@@ -171,31 +228,21 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
   acc_t* gt = p.gates + tb * GW * H;
   const acc_t h_prev = __ldcg(h_row + j);
   acc_t h_new, c_new = acc_t(0), c_prev = acc_t(0);
-  if constexpr (CELL == kRnnTanh) {
-    h_new = tanh_(ax[0] + ah[0]);
-    gt[j] = h_new;
-  } else if constexpr (CELL == kRnnRelu) {
-    const acc_t pre = ax[0] + ah[0];
-    h_new = pre < acc_t(0) ? acc_t(0) : pre;  // NaN passes through, as torch.relu lets it
+  if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
+    h_new = rnn_update(ax[0] + ah[0], CELL == kRnnRelu);
     gt[j] = h_new;
   } else if constexpr (CELL == kGru) {
-    const acc_t r = sigmoid_(ax[0] + ah[0]);
-    const acc_t z = sigmoid_(ax[1] + ah[1]);
     const acc_t gh_n = ah[2] + (p.b_hn != nullptr ? p.b_hn[j] : acc_t(0));
-    const acc_t n = tanh_(ax[2] + r * gh_n);
-    h_new = (acc_t(1) - z) * n + z * h_prev;
+    acc_t r, z, n;
+    h_new = gru_update(ax[0], ax[1], ax[2], ah[0], ah[1], gh_n, h_prev, r, z, n);
     gt[j] = r;
     gt[H + j] = z;
     gt[2 * H + j] = n;
     gt[3 * H + j] = gh_n;
   } else {  // LSTM, gates i, f, g, o
-    const acc_t gi = sigmoid_(ax[0] + ah[0]);
-    const acc_t gf = sigmoid_(ax[1] + ah[1]);
-    const acc_t gg = tanh_(ax[2] + ah[2]);
-    const acc_t go = sigmoid_(ax[3] + ah[3]);
     c_prev = p.cs[t * BH + static_cast<int64_t>(b) * H + j];
-    c_new = gf * c_prev + gi * gg;
-    h_new = go * tanh_(c_new);
+    acc_t gi, gf, gg, go;
+    h_new = lstm_update(ax[0] + ah[0], ax[1] + ah[1], ax[2] + ah[2], ax[3] + ah[3], c_prev, c_new, gi, gf, gg, go);
     gt[j] = gi;
     gt[H + j] = gf;
     gt[2 * H + j] = gg;
@@ -374,36 +421,30 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
       acc_t* din = p.d_in + tb * GH;
       acc_t* dhid = p.d_hid + tb * GH;
       acc_t direct = acc_t(0);  // the part of dh_prev that does not pass through W_hh
-      if constexpr (CELL == kRnnTanh) {
-        const acc_t g = gt[j];
-        din[j] = dh_t * (acc_t(1) - g * g);
-      } else if constexpr (CELL == kRnnRelu) {
-        din[j] = gt[j] > acc_t(0) ? dh_t : acc_t(0);
+      if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
+        din[j] = rnn_update_backward(dh_t, gt[j], CELL == kRnnRelu);
       } else if constexpr (CELL == kGru) {
         const acc_t r = gt[j], z = gt[H + j], n = gt[2 * H + j], gh_n = gt[3 * H + j];
         const acc_t h_prev = p.hs[t * BH + bj];
-        const acc_t dn_pre = dh_t * (acc_t(1) - z) * (acc_t(1) - n * n);
-        const acc_t dr_pre = dn_pre * gh_n * r * (acc_t(1) - r);
-        const acc_t dz_pre = dh_t * (h_prev - n) * z * (acc_t(1) - z);
-        din[j] = dr_pre;
-        din[H + j] = dz_pre;
-        din[2 * H + j] = dn_pre;
-        dhid[j] = dr_pre;
-        dhid[H + j] = dz_pre;
-        dhid[2 * H + j] = dn_pre * r;
-        direct = dh_t * z;
+        acc_t dr, dz, dn;
+        direct = gru_update_backward(dh_t, h_prev, r, z, n, gh_n, dr, dz, dn);
+        din[j] = dr;
+        din[H + j] = dz;
+        din[2 * H + j] = dn;
+        dhid[j] = dr;
+        dhid[H + j] = dz;
+        dhid[2 * H + j] = dn * r;
       } else {  // LSTM
         const acc_t gi = gt[j], gf = gt[H + j], gg = gt[2 * H + j], go = gt[3 * H + j];
         const acc_t c_prev = p.cs[t * BH + bj];
-        const acc_t tc = tanh_(gf * c_prev + gi * gg);  // c_t again, in acc_t (c_n went out rounded)
         const acc_t dc_cur = p.dc[bj];
-        const acc_t dct = (active ? dc_cur : acc_t(0)) + dh_t * go * (acc_t(1) - tc * tc);
-        din[j] = dct * gg * gi * (acc_t(1) - gi);
-        din[H + j] = dct * c_prev * gf * (acc_t(1) - gf);
-        din[2 * H + j] = dct * gi * (acc_t(1) - gg * gg);
-        din[3 * H + j] = dh_t * tc * go * (acc_t(1) - go);
+        acc_t d[4];
+        // dh_t is zero at a padded step, and dc is masked, so that step's gate gradients are zero.
+        const acc_t dc_prev = lstm_update_backward(dh_t, active ? dc_cur : acc_t(0), c_prev, gi, gf, gg, go, d);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) din[q * H + j] = d[q];
         // A padded step passes the state, and so its gradient, through unchanged.
-        p.dc[bj] = active ? dct * gf : dc_cur;
+        p.dc[bj] = active ? dc_prev : dc_cur;
       }
       p.direct[bj] = active ? direct : dh_cur;
     }

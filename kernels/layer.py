@@ -55,6 +55,61 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+# The pointwise part of each cell, named and ordered as in rnnfast/reference.py, whose docstrings hold the equations.
+
+@triton.jit
+def _rnn_update(pre, RELU: tl.constexpr):
+    """reference.rnn_update."""
+    if RELU:
+        return tl.where(pre < 0.0, 0.0, pre)  # NaN passes through, as torch.relu lets it
+    return _tanh(pre)
+
+
+@triton.jit
+def _rnn_update_backward(dh, h_new, RELU: tl.constexpr):
+    """reference.rnn_update_backward."""
+    if RELU:
+        return tl.where(h_new > 0.0, dh, 0.0)
+    return dh * (1.0 - h_new * h_new)
+
+
+@triton.jit
+def _gru_update(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h):
+    """reference.gru_update: ``(h', r, z, n)``."""
+    r = _sigmoid(gx_r + gh_r)
+    z = _sigmoid(gx_z + gh_z)
+    n = _tanh(gx_n + r * gh_n)
+    return (1.0 - z) * n + z * h, r, z, n
+
+
+@triton.jit
+def _gru_update_backward(dh, h, r, z, n, gh_n):
+    """reference.gru_update_backward: ``(dr, dz, dn, dh_direct)``; d_hid's n plane is ``dn * r``."""
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dr = dn * gh_n * r * (1.0 - r)
+    dz = dh * (h - n) * z * (1.0 - z)
+    return dr, dz, dn, dh * z
+
+
+@triton.jit
+def _lstm_update(pre_i, pre_f, pre_g, pre_o, c):
+    """reference.lstm_update: ``(h', c', i, f, g, o)``."""
+    i = _sigmoid(pre_i)
+    f = _sigmoid(pre_f)
+    g = _tanh(pre_g)
+    o = _sigmoid(pre_o)
+    c_new = f * c + i * g
+    return o * _tanh(c_new), c_new, i, f, g, o
+
+
+@triton.jit
+def _lstm_update_backward(dh, dc, c, i, f, g, o):
+    """reference.lstm_update_backward: ``(di, df, dg, do, dc_prev)``."""
+    tc = _tanh(f * c + i * g)
+    dct = dc + dh * o * (1.0 - tc * tc)
+    return dct * g * i * (1.0 - i), dct * c * f * (1.0 - f), dct * i * (1.0 - g * g), dh * tc * o * (1.0 - o), dct * f
+
+
 @triton.jit
 def _row_tile(base, stride, offs_b, mask_b, k0, K, BLOCK_K: tl.constexpr):
     """(BLOCK_B, BLOCK_K) tile of a row-major (rows, K) operand, columns k0.. (zeros past K or the batch)."""
@@ -239,32 +294,20 @@ def layer_forward_kernel(
         gates = gates_ptr + t.to(tl.int64) * B * (GW * H) + bw
         if CELL == LSTM:
             c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0)
-            i = _sigmoid(acc0 + in0)
-            f = _sigmoid(acc1 + in1)
-            g = _tanh(acc2 + in2)
-            o = _sigmoid(acc3 + in3)
-            c_new = f * c_old + i * g
-            h_new = o * _tanh(c_new)
+            h_new, c_new, i, f, g, o = _lstm_update(acc0 + in0, acc1 + in1, acc2 + in2, acc3 + in3, c_old)
             tl.store(gates, i, mask=mask_bh)
             tl.store(gates + H, f, mask=mask_bh)
             tl.store(gates + 2 * H, g, mask=mask_bh)
             tl.store(gates + 3 * H, o, mask=mask_bh)
         elif CELL == GRU:
-            r = _sigmoid(acc0 + in0)
-            z = _sigmoid(acc1 + in1)
             gh_n = acc2 + b_hn
-            n = _tanh(in2 + r * gh_n)
-            h_new = (1.0 - z) * n + z * h_old
+            h_new, r, z, n = _gru_update(in0, in1, in2, acc0, acc1, gh_n, h_old)
             tl.store(gates, r, mask=mask_bh)
             tl.store(gates + H, z, mask=mask_bh)
             tl.store(gates + 2 * H, n, mask=mask_bh)
             tl.store(gates + 3 * H, gh_n, mask=mask_bh)
-        elif CELL == RNN_RELU:
-            pre = acc0 + in0
-            h_new = tl.where(pre < 0.0, 0.0, pre)  # NaN passes through, as torch.relu lets it
-            tl.store(gates, h_new, mask=mask_bh)
         else:
-            h_new = _tanh(acc0 + in0)
+            h_new = _rnn_update(acc0 + in0, CELL == RNN_RELU)
             tl.store(gates, h_new, mask=mask_bh)
 
         # A padded step (t >= length) outputs zeros and carries the state unchanged, as packed sequences do.
@@ -350,23 +393,21 @@ def layer_backward_kernel(
             g = tl.load(gates + 2 * H, mask=mask_bh, other=0.0)
             o = tl.load(gates + 3 * H, mask=mask_bh, other=0.0)
             c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0)
-            tc = _tanh(f * c_old + i * g)
-            dct = tl.where(active, dc + dh * o * (1.0 - tc * tc), 0.0)
-            tl.store(d_in, dct * g * i * (1.0 - i), mask=mask_bh)
-            tl.store(d_in + H, dct * c_old * f * (1.0 - f), mask=mask_bh)
-            tl.store(d_in + 2 * H, dct * i * (1.0 - g * g), mask=mask_bh)
-            tl.store(d_in + 3 * H, dh * tc * o * (1.0 - o), mask=mask_bh)
+            # dh is zero at a padded step; dc is masked too, so that step's gate gradients are zero.
+            di, df, dg, do, dc_prev = _lstm_update_backward(dh, tl.where(active, dc, 0.0), c_old, i, f, g, o)
+            tl.store(d_in, di, mask=mask_bh)
+            tl.store(d_in + H, df, mask=mask_bh)
+            tl.store(d_in + 2 * H, dg, mask=mask_bh)
+            tl.store(d_in + 3 * H, do, mask=mask_bh)
             pending = tl.where(active, 0.0, dh_in)
-            dc = tl.where(active, dct * f, dc)
+            dc = tl.where(active, dc_prev, dc)
         elif CELL == GRU:
             r_ = tl.load(gates, mask=mask_bh, other=0.0)
             z = tl.load(gates + H, mask=mask_bh, other=0.0)
             n = tl.load(gates + 2 * H, mask=mask_bh, other=0.0)
             gh_n = tl.load(gates + 3 * H, mask=mask_bh, other=0.0)
             h_old = tl.load(hs_ptr + plane + bh, mask=mask_bh, other=0.0)
-            dn = dh * (1.0 - z) * (1.0 - n * n)
-            dr = dn * gh_n * r_ * (1.0 - r_)
-            dz = dh * (h_old - n) * z * (1.0 - z)
+            dr, dz, dn, dh_direct = _gru_update_backward(dh, h_old, r_, z, n, gh_n)
             tl.store(d_in, dr, mask=mask_bh)
             tl.store(d_in + H, dz, mask=mask_bh)
             tl.store(d_in + 2 * H, dn, mask=mask_bh)
@@ -374,14 +415,10 @@ def layer_backward_kernel(
             tl.store(d_hid, dr, mask=mask_bh)
             tl.store(d_hid + H, dz, mask=mask_bh)
             tl.store(d_hid + 2 * H, dn * r_, mask=mask_bh)
-            pending = tl.where(active, dh * z, dh_in)
+            pending = tl.where(active, dh_direct, dh_in)
         else:
             h_new = tl.load(gates, mask=mask_bh, other=0.0)
-            if CELL == RNN_RELU:
-                dpre = tl.where(h_new > 0.0, dh, 0.0)
-            else:
-                dpre = dh * (1.0 - h_new * h_new)
-            tl.store(d_in, dpre, mask=mask_bh)
+            tl.store(d_in, _rnn_update_backward(dh, h_new, CELL == RNN_RELU), mask=mask_bh)
             pending = tl.where(active, 0.0, dh_in)
         _sync(sync_ptr + pid_b, (k + 1) * tl.num_programs(1), PERSISTENT, SYNC)
 

@@ -1,4 +1,4 @@
-"""rnnfast: fused whole-sequence RNN, GRU and LSTM layers for PyTorch, drop-in for torch.nn."""
+"""rnnfast: whole-sequence RNN, GRU and LSTM layers for PyTorch in one kernel each, drop-in for torch.nn."""
 
 from . import backends, dispatch, ops, reference
 from . import nn

@@ -293,9 +293,10 @@ class Choice:
     row: Row | None = None  # the table row that chose it, if one did
     tuned: dict | None = None  # the cached measurement that chose it, if one did
     refusals: dict[str, str] = field(default_factory=dict)  # faster candidates that cannot run it, with why
+    auto: bool = True  # False when the module names its backend
 
     def __str__(self) -> str:
-        s = f"auto runs {self.backend!r}: {self.reason}"
+        s = f"{'auto runs' if self.auto else 'runs'} {self.backend!r}: {self.reason}"
         for name, why in self.refusals.items():
             s += f"\n  {name} was not used: {why}"
         return s
@@ -397,5 +398,5 @@ def explain(module: torch.nn.Module, input, *, training: bool | None = None) -> 
     if module.backend != "auto":
         why = refusal(module.backend, spec, for_auto=False)
         return Choice(module.backend, "the module names it (backend=...); explicit backends never fall back" + (
-            f", and this call will raise: {why}" if why else ""))
+            f", and this call will raise: {why}" if why else ""), auto=False)
     return choose(spec)

@@ -40,6 +40,76 @@ def _active(t: int, lengths: Tensor | None, B: int, device) -> Tensor | None:
     return (lengths.to(device) > t).view(B, 1)
 
 
+# The pointwise part of every cell: what follows the gate product in a step, forward and backward. The kernels have
+# helpers of the same names (kernels/layer.py) and cite these docstrings instead of writing the math again.
+
+def rnn_update(pre: Tensor, relu: bool) -> Tensor:
+    """Elman RNN: ``h' = tanh(pre)`` (or ``relu(pre)``), ``pre = x W_ih^T + b_ih + h W_hh^T + b_hh``."""
+    return torch.relu(pre) if relu else torch.tanh(pre)
+
+
+def rnn_update_backward(dh: Tensor, h_new: Tensor, relu: bool) -> Tensor:
+    """``dpre = dh * (1 - h'^2)`` for tanh, ``dh * [h' > 0]`` for relu (the same for the input and hidden parts)."""
+    return dh * (h_new > 0).to(dh.dtype) if relu else dh * (1 - h_new * h_new)
+
+
+def gru_update(gx: Tensor, gh: Tensor, h: Tensor):
+    """GRU, torch.nn's gate order ``r, z, n``, with ``gx = x W_ih^T + b_ih`` and ``gh = h W_hh^T + b_hh`` split
+    in three (``b_hn`` stays inside ``gh_n``, which ``r`` scales)::
+
+        r = sigmoid(gx_r + gh_r)    z = sigmoid(gx_z + gh_z)    n = tanh(gx_n + r * gh_n)
+        h' = (1 - z) * n + z * h
+
+    Returns ``(h', r, z, n, gh_n)``."""
+    gx_r, gx_z, gx_n = gx.chunk(3, dim=-1)
+    gh_r, gh_z, gh_n = gh.chunk(3, dim=-1)
+    r, z = torch.sigmoid(gx_r + gh_r), torch.sigmoid(gx_z + gh_z)
+    n = torch.tanh(gx_n + r * gh_n)
+    return (1 - z) * n + z * h, r, z, n, gh_n
+
+
+def gru_update_backward(dh: Tensor, h: Tensor, r: Tensor, z: Tensor, n: Tensor, gh_n: Tensor):
+    """The gradients of :func:`gru_update` from ``dh = dL/dh'``::
+
+        dn = dh (1 - z) (1 - n^2)      dr = dn gh_n r (1 - r)      dz = dh (h - n) z (1 - z)
+        d_in = (dr, dz, dn)            d_hid = (dr, dz, dn r)      dh_direct = dh z
+
+    ``d_in``/``d_hid``: with respect to the input and hidden parts of the pre-activations (they differ in the n gate,
+    which r scales); ``dh_direct``: the part of ``dL/dh`` that does not go through ``W_hh``."""
+    dn = dh * (1 - z) * (1 - n * n)
+    dr = dn * gh_n * r * (1 - r)
+    dz = dh * (h - n) * z * (1 - z)
+    return torch.cat([dr, dz, dn], dim=-1), torch.cat([dr, dz, dn * r], dim=-1), dh * z
+
+
+def lstm_update(pre: Tensor, c: Tensor):
+    """LSTM, torch.nn's gate order ``i, f, g, o``, ``pre = x W_ih^T + b_ih + h W_hh^T + b_hh`` split in four::
+
+        i = sigmoid(pre_i)   f = sigmoid(pre_f)   g = tanh(pre_g)   o = sigmoid(pre_o)
+        c' = f c + i g       h' = o tanh(c')      (then h' W_hr^T with a projection)
+
+    Returns ``(h', c', i, f, g, o)``."""
+    i, f, g, o = pre.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    return o * torch.tanh(c_new), c_new, i, f, g, o
+
+
+def lstm_update_backward(dh: Tensor, dc: Tensor, c: Tensor, i: Tensor, f: Tensor, g: Tensor, o: Tensor):
+    """The gradients of :func:`lstm_update` from ``dh = dL/dh'`` (before the projection) and ``dc = dL/dc'``::
+
+        tc = tanh(c')                  dct = dc + dh o (1 - tc^2)
+        d = (dct g i (1 - i), dct c f (1 - f), dct i (1 - g^2), dh tc o (1 - o))
+        dc_prev = dct f
+
+    ``d`` is the gradient of all four pre-activations (input and hidden parts alike)."""
+    tc = torch.tanh(f * c + i * g)
+    dct = dc + dh * o * (1 - tc * tc)
+    d = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f), dct * i * (1 - g * g), dh * tc * o * (1 - o)],
+                  dim=-1)
+    return d, dct * f
+
+
 def cell_step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None = None):
     """One time step of ``cell`` for a batch. Returns ``(h_new, c_new, gates)``.
@@ -47,37 +117,21 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w
     ``gates`` holds what the backward needs: the activated gates (RNN: ``h_new``; GRU: ``r, z, n`` and the hidden
     part of the ``n`` pre-activation; LSTM: ``i, f, g, o``), laid out along the last dimension.
     """
-    H = w_hh.shape[0] // GATES[cell]
     if cell == "gru":
-        # r and z take the concatenated product; n keeps its hidden part apart because r scales W_hn h + b_hn.
-        xh = torch.cat([x, h], dim=1)
-        w_rz = torch.cat([w_ih[: 2 * H], w_hh[: 2 * H]], dim=1)
-        rz = xh @ w_rz.t()
-        gx_n = x @ w_ih[2 * H:].t()
-        gh_n = h @ w_hh[2 * H:].t()
+        gx, gh = x @ w_ih.t(), h @ w_hh.t()
         if b_ih is not None:
-            rz = rz + b_ih[: 2 * H] + b_hh[: 2 * H]
-            gx_n = gx_n + b_ih[2 * H:]
-            gh_n = gh_n + b_hh[2 * H:]
-        r, z = torch.sigmoid(rz).chunk(2, dim=1)
-        n = torch.tanh(gx_n + r * gh_n)
-        h_new = (1 - z) * n + z * h
+            gx, gh = gx + b_ih, gh + b_hh
+        h_new, r, z, n, gh_n = gru_update(gx, gh, h)
         return h_new, None, torch.cat([r, z, n, gh_n], dim=1)
 
     pre = torch.cat([x, h], dim=1) @ torch.cat([w_ih, w_hh], dim=1).t()
     if b_ih is not None:
         pre = pre + b_ih + b_hh
-    if cell == "rnn_tanh":
-        h_new = torch.tanh(pre)
-        return h_new, None, h_new
-    if cell == "rnn_relu":
-        h_new = torch.relu(pre)
+    if cell in ("rnn_tanh", "rnn_relu"):
+        h_new = rnn_update(pre, relu=cell == "rnn_relu")
         return h_new, None, h_new
     if cell == "lstm":
-        i, f, g, o = pre.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
+        h_new, c_new, i, f, g, o = lstm_update(pre, c)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
         return h_new, c_new, torch.cat([i, f, g, o], dim=1)
@@ -124,39 +178,25 @@ def _step_backward(cell: str, dh: Tensor, dc: Tensor | None, h: Tensor, c: Tenso
                    w_hh: Tensor, w_hr: Tensor | None):
     """Back-propagate one step from ``(dh_new, dc_new)``.
 
-    Returns ``(d_input_gates, d_hidden_gates, dh_prev_partial, dc_prev, dw_hr, m)`` where the gate gradients are
-    with respect to the pre-activations of the input part and the hidden part (they differ only for GRU's n gate),
-    ``dh_prev_partial`` is the part of ``dh_prev`` that does not go through ``W_hh``, and ``m`` the LSTM's
-    pre-projection output when ``w_hr`` is set.
+    Returns ``(d_in, d_hid, dh_direct, dc_prev, dw_hr)``: the gate gradients with respect to the pre-activations of
+    the input part and the hidden part (they differ only for GRU's n gate), the part of ``dh_prev`` that does not
+    go through ``W_hh``, the cell state's gradient (LSTM) and the projection's gradient (LSTM with ``w_hr``).
     """
-    if cell == "rnn_tanh":
-        dpre = dh * (1 - gates * gates)
-        return dpre, dpre, None, None, None
-    if cell == "rnn_relu":
-        dpre = dh * (gates > 0).to(dh.dtype)
+    if cell in ("rnn_tanh", "rnn_relu"):
+        dpre = rnn_update_backward(dh, gates, relu=cell == "rnn_relu")
         return dpre, dpre, None, None, None
     if cell == "gru":
         r, z, n, gh_n = gates.chunk(4, dim=1)
-        dn = dh * (1 - z)
-        dz = dh * (h - n)
-        dn_pre = dn * (1 - n * n)
-        dr_pre = dn_pre * gh_n * r * (1 - r)
-        dz_pre = dz * z * (1 - z)
-        d_in = torch.cat([dr_pre, dz_pre, dn_pre], dim=1)
-        d_hid = torch.cat([dr_pre, dz_pre, dn_pre * r], dim=1)
-        return d_in, d_hid, dh * z, None, None
+        d_in, d_hid, dh_direct = gru_update_backward(dh, h, r, z, n, gh_n)
+        return d_in, d_hid, dh_direct, None, None
     if cell == "lstm":
         i, f, g, o = gates.chunk(4, dim=1)
-        c_new = f * c + i * g
-        tc = torch.tanh(c_new)
         dw_hr = None
         if w_hr is not None:
-            dw_hr = dh.t() @ (o * tc)
+            dw_hr = dh.t() @ (o * torch.tanh(f * c + i * g))
             dh = dh @ w_hr
-        dct = dc + dh * o * (1 - tc * tc)
-        d = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f), dct * i * (1 - g * g),
-                       dh * tc * o * (1 - o)], dim=1)
-        return d, d, None, dct * f, dw_hr
+        d, dc_prev = lstm_update_backward(dh, dc, c, i, f, g, o)
+        return d, d, None, dc_prev, dw_hr
     raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
 
 

@@ -322,7 +322,9 @@ def test_known_gpu_table():
 
 # -- end to end, tools --------------------------------------------------------------------------------------------
 
-CHARLM_TINY = ["--device", "cpu", "--steps", "3", "--batch", "4", "--seq-len", "16", "--hidden", "24"]
+# The reference backend by name: the tests below break it on purpose, and auto would not run it.
+CHARLM_TINY = ["--device", "cpu", "--steps", "3", "--batch", "4", "--seq-len", "16", "--hidden", "24",
+               "--backend", "reference"]
 
 
 def test_charlm_curves_agree_on_the_cpu(tmp_path):
@@ -383,3 +385,244 @@ def test_progress_without_a_terminal():
         p.update("a")
         p.update("b")
     assert buf.getvalue().splitlines() == ["bench [1/2] a", "bench [2/2] b"]
+
+
+# -- packed sequences -----------------------------------------------------------------------------------------------
+
+def test_packed_configs_and_the_lease_group():
+    c = C.parse_id("gru-B3-T17-H37-I5-packed-fp16")
+    assert (c.cell, c.batch, c.seq_len, c.hidden, c.input, c.packed, c.dtype) == \
+        ("gru", 3, 17, 37, 5, True, "float16")
+    assert c.id == "gru-B3-T17-H37-I5-packed-fp16" and c.padded().id == "gru-B3-T17-H37-I5-fp16"
+    packed = C.GROUPS["packed"]
+    assert [c.packed for c in packed] == [True, False] * 4
+    assert [c.padded() for c in packed[::2]] == packed[1::2]  # each packed case is followed by its padded twin
+    assert {(c.cell, c.dtype) for c in packed} == set(itertools.product(("lstm", "gru"), ("bfloat16", "float16")))
+    assert {(c.batch, c.seq_len, c.hidden, c.input, c.layers, c.bidirectional) for c in packed} == \
+        {(64, 1024, 512, 512, 1, False)}
+    lease = C.GROUPS["lease"]
+    anchors = C.GROUPS["anchors"]
+    assert lease[:len(anchors)] == anchors and lease[len(anchors):len(anchors) + len(packed)] == packed
+    assert {c.id for c in C.GROUPS["quick"]} <= {c.id for c in lease} and len({c.id for c in lease}) == len(lease)
+    cpu = C.GROUPS["cpu-lease"]
+    assert {c.dtype for c in cpu} >= {"float32", "bfloat16", "float16"}
+    assert any(c.packed and c.padded() in cpu for c in cpu)
+
+
+def test_lengths_are_seeded_and_uniform_on_1_to_T():
+    cfg = C.Config("lstm", batch=4000, hidden=8, input=8, seq_len=50, packed=True)
+    a = C.lengths(cfg)
+    assert a == C.lengths(cfg) and a != C.lengths(cfg, seed=4)
+    assert len(a) == 4000 and min(a) == 1 and max(a) == 50
+    counts = [a.count(t) for t in range(1, 51)]
+    assert min(counts) > 40 and max(counts) < 120  # 80 expected of each length
+
+
+def test_packed_inputs_and_workload(tmp_path):
+    cfg = C.Config("lstm", batch=5, hidden=6, input=4, seq_len=7, packed=True)
+    xs, g = measure.make_inputs(cfg, "cpu", copies=2)
+    lens = C.lengths(cfg)
+    assert all(isinstance(x, torch.nn.utils.rnn.PackedSequence) for x in xs)
+    assert g.shape == (sum(lens), 6) and xs[0].data.shape == (sum(lens), 4)
+    padded, got = torch.nn.utils.rnn.pad_packed_sequence(xs[0])
+    assert got.tolist() == lens and not torch.equal(xs[0].data, xs[1].data)
+    m = P.torch_module(cfg, "cpu")
+    res = measure.Workload(m, xs, g, "training").results()
+    assert res["y"].shape == g.shape and res["dx"].shape == xs[0].data.shape and res["dweight_hh_l0"] is not None
+    # The gradient of sum(y * g) with respect to the packed data, by hand through the padded module call.
+    x = padded.detach().requires_grad_()
+    y, _ = m(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lens), enforce_sorted=False))
+    (y.data * g).sum().backward()
+    ref = torch.nn.utils.rnn.pack_padded_sequence(x.grad, torch.tensor(lens), enforce_sorted=False).data
+    torch.testing.assert_close(res["dx"], ref)
+
+
+def test_packed_rows_carry_the_padded_time(tmp_path):
+    out = tmp_path / "out"
+    packed = "gru-B3-T5-H4-packed-fp32"
+    assert run.main(["--configs", f"{packed},gru-B3-T5-H4-fp32,lstm-B2-T3-H4-packed-fp32", "--device", "cpu",
+                     "--providers", "reference", "--out", str(out), "--no-plots", *TINY]) == 0
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    times = {(r["config"], r["provider"], r["mode"]): r["time_ms"]["median"] for r in rows}
+    for r in rows:
+        if r["config"] == packed:
+            assert r["packed"] and r["steps"] == sum(C.lengths(C.parse_id(packed)))
+            padded = times[("gru-B3-T5-H4-fp32", r["provider"], r["mode"])]
+            assert r["padded_ms"] == padded
+            assert r["packed_vs_padded"] == pytest.approx(r["time_ms"]["median"] / padded)
+        elif r["config"].startswith("lstm"):
+            assert r["packed"] and r["padded_ms"] is None and r["packed_vs_padded"] is None  # its twin did not run
+        else:
+            assert not r["packed"] and "packed_vs_padded" not in r
+    md = (out / "bench.md").read_text()
+    assert "## Packed sequences" in md and f"| {packed} | reference | training |" in md
+
+
+# -- provider choice, the dispatch table, the short table -----------------------------------------------------------
+
+def test_exclude_providers():
+    provs = [P.Provider("cudnn", None), P.Provider("triton:hoisted", "triton:hoisted"),
+             P.Provider("triton:fused", "triton:fused"), P.Provider("cuda:fused", "cuda:fused"),
+             P.Provider("auto", "auto")]
+    names = lambda ps: [p.name for p in ps]  # noqa: E731
+    assert names(run.drop_providers(provs, ["cuda*", "nothing-matches", "cudnn"])) == \
+        ["cudnn", "triton:hoisted", "triton:fused", "auto"]
+    assert run.drop_providers(provs, None) == provs
+    assert run.parse_args(["--exclude-providers", "a,b", "--exclude-providers", "c"]).exclude_providers == \
+        ["a", "b", "c"]
+
+
+def test_discover_reads_the_backend_names_this_version_has(monkeypatch):
+    from rnnfast import backends
+
+    monkeypatch.setattr(backends, "BACKENDS", ("reference", "no-such-backend"), raising=False)
+    assert [p.name for p in P.discover("cpu")[0]] == ["torch.nn", "reference", "auto"]
+    monkeypatch.delattr(backends, "BACKENDS", raising=False)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("reference",), raising=False)
+    assert [p.name for p in P.discover("cpu")[0]] == ["torch.nn", "reference", "auto"]
+
+
+def _result(config, provider, mode, us, status="ok", **kw):
+    cfg = C.parse_id(config)
+    return dict(config=config, cell=cfg.cell, batch=cfg.batch, seq_len=cfg.seq_len, hidden=cfg.hidden, input=cfg.input,
+                layers=cfg.layers, bidirectional=cfg.bidirectional, dtype=cfg.dtype, packed=cfg.packed, mode=mode,
+                provider=provider, baseline=provider == "cudnn", status=status, us_per_step=us, **kw)
+
+
+def test_dispatch_table_rows_come_from_single_layer_unpacked_results():
+    from rnnfast import dispatch
+
+    stamp = {"date": "2026-11-24", "rnnfast": "0.1.0", "git": "abc", "git_dirty": False, "device": "cuda",
+             "capability": "9.0", "gpu": "NVIDIA H200"}
+    results = [_result("lstm-B64-T100-H512-fp32", "cudnn", "inference", 10.0),
+               _result("lstm-B64-T100-H512-fp32", "triton:fused", "inference", 7.0),
+               _result("lstm-B64-T100-H512-fp32", "auto", "inference", 1.0),  # auto is never a table entry
+               _result("lstm-B64-T100-H512-fp32", "cuda:fused", "inference", 0.5, status="wrong"),
+               _result("lstm-B64-T100-H512-fp32", "cudnn", "training", 20.0),
+               _result("lstm-B64-T100-H512-fp32", "triton:fused", "training", 30.0),
+               # Same buckets, but packed or two bidirectional layers: a table key cannot tell them apart.
+               _result("lstm-B64-T100-H512-packed-fp32", "triton:hoisted", "inference", 2.0),
+               _result("lstm-B64-T100-H512-L2-bi-fp32", "triton:hoisted", "inference", 3.0)]
+    rows = run.table_rows({"stamp": stamp, "baseline": "cudnn", "results": results})
+    got = {(r.training, r.backend, r.us_per_step, r.torch_us_per_step) for r in rows}
+    assert got == {(False, "triton:fused", 7.0, 10.0), (True, "torch", 20.0, 20.0)}
+    assert all(r.capability == "9.0" and r.gpu == "NVIDIA H200" and (r.batch, r.hidden, r.seq_len) == (64, 512, 256)
+               for r in rows)
+    assert all("abc" in r.source for r in rows) and isinstance(rows[0], dispatch.Row)
+
+
+def test_the_short_table(tmp_path, capsys):
+    from bench import summary
+
+    results = [_result("lstm-B64-T1024-H512-packed-bf16", "cudnn", "inference", 10.0, speedup=1.0),
+               _result("lstm-B64-T1024-H512-packed-bf16", "triton:fused", "inference", 5.0, speedup=2.0,
+                       packed_vs_padded=1.25),
+               _result("lstm-B64-T1024-H512-packed-bf16", "triton:hoisted", "inference", 4.0, status="wrong"),
+               _result("lstm-B64-T1024-H512-packed-bf16", "cuda:fused", "inference", 8.0, speedup=1.25),
+               _result("lstm-B64-T1024-H512-packed-bf16", "cudnn", "training", 30.0, speedup=1.0),
+               _result("lstm-B64-T1024-H512-packed-bf16", "triton:fused", "training", None, status="error")]
+    payload = {"baseline": "cudnn", "stamp": {"gpu": "NVIDIA H200"}, "configs": ["lstm-B64-T1024-H512-packed-bf16"],
+               "modes": ["inference", "training"], "results": results,
+               "grid_barrier": {"triton_us": 1.5, "cuda_us": None, "errors": {"cuda_us": "hung"}}}
+    lines = summary.lines(payload)
+    assert lines[0] == "grid barrier, one block per SM: triton 1.5 µs, cuda not measured"
+    assert "NVIDIA H200" in lines[1] and lines[2].split()[:5] == ["config", "mode", "provider", "µs/step", "vs"]
+    inference, training = lines[3].split(), lines[4].split()
+    assert inference[:6] == ["lstm-B64-T1024-H512-packed-bf16", "inference", "triton:fused", "5", "2", "10"]
+    assert "packed/padded 1.25 (over 1.2)" in lines[3] and "triton:hoisted wrong" in lines[3]
+    assert training[:6] == ["lstm-B64-T1024-H512-packed-bf16", "training", "(none)", "-", "-", "30"]
+    assert "triton:fused error" in lines[4] and len(lines) == 5
+    (tmp_path / "bench.json").write_text(json.dumps(payload))
+    assert summary.main([str(tmp_path), "--write", str(tmp_path / "s.txt")]) == 0
+    assert capsys.readouterr().out.splitlines() == lines == (tmp_path / "s.txt").read_text().splitlines()
+    assert summary.main([str(tmp_path / "missing")]) == 1
+
+
+def test_markdown_packed_and_barrier_sections():
+    from bench import report
+
+    r = _result("gru-B64-T1024-H512-packed-fp16", "triton:fused", "training", 3.0,
+                time_ms={"median": 3.6, "q25": 3.5, "q75": 3.7, "min": 3.4, "max": 3.9, "reps": 9}, steps=33000,
+                padded_ms=3.0, packed_vs_padded=1.2)
+    lines = report._packed({"results": [r]}) + report._barrier(
+        {"grid_barrier": {"triton_us": 1.25, "cuda_us": None, "errors": {"cuda_us": "TimeoutExpired"}}})
+    assert "| gru-B64-T1024-H512-packed-fp16 | triton:fused | training | 33000 | 3.6 | 3 | 1.2 |" in lines
+    assert any("triton 1.25 µs" in x and "cuda not measured (TimeoutExpired)" in x for x in lines)
+    r["packed_vs_padded"] = 1.21
+    assert "1.21 (over 1.2) |" in report._packed({"results": [r]})[-2]
+
+
+def test_grid_barrier_costs(monkeypatch):
+    from bench import barrier
+
+    calls = []
+
+    def child(flag, timeout):
+        calls.append(flag)
+        if flag == ["--cuda"]:
+            raise RuntimeError("the library did not load")
+        return 2e-6
+
+    monkeypatch.setattr(barrier, "_child", child)
+    got = barrier.costs(None, cuda=True, log=lambda *a: None)
+    assert calls == [[], ["--cuda"]] and got["triton_us"] == pytest.approx(2.0) and got["cuda_us"] is None
+    assert "did not load" in got["errors"]["cuda_us"]
+    calls.clear()
+    m = floor.Machine(name="x", peak_flops={}, bandwidth=1.0, sync_s=1e-6, onchip_bytes=0,
+                      source={"handoffs_s": {"grid barrier": 3e-6}})
+    got = barrier.costs(m, cuda=False, log=lambda *a: None)
+    assert calls == [] and got["triton_us"] == pytest.approx(3.0) and "not benchmarked" in got["errors"]["cuda_us"]
+
+
+def test_the_cuda_barrier_is_looked_up_where_this_version_keeps_it(monkeypatch):
+    import types
+
+    from bench import barrier
+
+    def fn(**kw):
+        return 1.5
+
+    monkeypatch.setitem(sys.modules, "fake_rnnfast_new", types.ModuleType("fake_rnnfast_new"))
+    old = types.ModuleType("fake_rnnfast_old")
+    old.measure_grid_barrier = fn
+    monkeypatch.setitem(sys.modules, "fake_rnnfast_old", old)
+    monkeypatch.setattr(barrier, "CUDA_MODULES", ("fake_rnnfast_missing", "fake_rnnfast_new", "fake_rnnfast_old"))
+    assert barrier.cuda_measure_function() is fn
+    assert barrier.measure_cuda() == pytest.approx(1.5e-6)
+    monkeypatch.setattr(barrier, "CUDA_MODULES", ("fake_rnnfast_new",))
+    with pytest.raises(RuntimeError, match="no measure_grid_barrier"):
+        barrier.cuda_measure_function()
+
+
+def test_sanitize_cells_option(capsys):
+    assert sanitize.main(["--device", "cpu", "--backends", "reference", "--dtypes", "float32", "--cells", "gru"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == 1 and "gru" in out
+    with pytest.raises(SystemExit):
+        sanitize.main(["--device", "cpu", "--backends", "reference", "--cells", "cnn"])
+
+
+def test_smoke_backends_can_be_restricted(monkeypatch):
+    import warnings
+
+    from rnnfast import backends
+
+    with warnings.catch_warnings():  # its case_timeout marker is registered by bench/conftest.py, not loaded here
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        from bench import test_smoke
+
+    kernel = list(getattr(backends, "KERNEL_BACKENDS", ("triton", "cuda")))
+    monkeypatch.delenv(test_smoke.ENV_BACKENDS, raising=False)
+    assert test_smoke.kernel_backends() == kernel
+    monkeypatch.setenv(test_smoke.ENV_BACKENDS, "triton")
+    assert test_smoke.kernel_backends() == ["triton"]
+    assert test_smoke.backend_modes("triton") == [f"triton:{m}" for m in backends.get("triton").modes]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_the_baseline_check_sees_torch_nn_autograd_node(packed):
+    # What tells cuDNN from torch.nn's other paths on a GPU; on the CPU the node is the CPU kernel's.
+    cfg = C.Config("lstm", batch=3, hidden=4, input=2, seq_len=5, packed=packed)
+    xs, _ = measure.make_inputs(cfg, "cpu", copies=1)
+    name = run.autograd_node(P.torch_module(cfg, "cpu"), xs[0])
+    assert name != "no autograd node" and name.endswith("Backward0")

@@ -190,3 +190,13 @@ def test_constant_under_compile_marks_as_torch_does():
     backends.constant_under_compile(g)
     marks = lambda fn: {k: v for k, v in vars(fn).items() if k.startswith("_dynamo")}  # noqa: E731
     assert marks(f) == marks(g) == {"_dynamo_marked_constant": True}
+
+
+def test_explain_an_explicit_backend_and_its_refusal():
+    m = rnnfast.nn.LSTM(3, 4, proj_size=2, backend="triton")
+    choice = rnnfast.explain(m, torch.randn(5, 3))
+    assert not choice.auto and str(choice).startswith("runs 'triton'") and "proj_size" in choice.reason
+    with pytest.raises(rnnfast.BackendUnavailableError, match="proj_size"):
+        m(torch.randn(5, 3))
+    with pytest.raises(TypeError, match="rnnfast.nn module"):
+        rnnfast.explain(torch.nn.LSTM(3, 4), torch.randn(5, 3))

@@ -15,7 +15,8 @@ import pytest
 
 SCRIPT = r"""
 import json, sys, torch
-from rnnfast.kernels import aot, backend as bk
+from rnnfast.backends import triton as bk
+from rnnfast.kernels import aot
 
 CASES = [  # (dtype, precision, H): H=256 streams W_hh over K tiles; H=128 keeps it resident
     ("float16", "ieee", 256), ("bfloat16", "ieee", 128), ("float32", "tf32", 256), ("float32", "ieee", 128),

@@ -20,12 +20,13 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..reference import GATES
+from ..reference import GATES, compute_dtype
+from ..workspace import workspace_numel
 
 # Every backend rnnfast knows by name. "torch" is the module "native" (a submodule named torch would replace the
 # name torch in this package).
 BACKENDS = ("torch", "triton", "cuda", "reference")
-# The fused kernel backends, which load optionally (a missing compiler leaves them out with the reason).
+# The kernel backends, which load optionally (a missing compiler leaves them out with the reason).
 KERNEL_BACKENDS = ("triton", "cuda")
 NAMES = ("auto",) + BACKENDS
 
@@ -155,6 +156,18 @@ class Backend:
 
     def backward(self, inputs: LayerInputs, outputs: LayerOutputs, grads: LayerOutputs) -> LayerGrads:
         raise NotImplementedError
+
+
+class KernelBackend(Backend):
+    """What the kernel backends (``triton``, ``cuda``) share: the input modes (``hoisted``: ``x @ W_ih^T`` for all
+    steps as one GEMM first; ``fused``: inside each step) and the forward's workspace (:mod:`rnnfast.workspace`)."""
+
+    modes = ("hoisted", "fused")
+
+    def workspace(self, inputs):
+        T, B = inputs.x.shape[0], inputs.x.shape[1]
+        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
+                                  dtype=compute_dtype(inputs.x.dtype))
 
 
 def kernel_layer_problem(spec: LayerSpec, dtypes: tuple[torch.dtype, ...], unit: str) -> str | None:

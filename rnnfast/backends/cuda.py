@@ -24,8 +24,8 @@ import torch
 
 from ..reference import CELLS, GATES, compute_dtype
 from ..workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
-from . import (Backend, BackendUnavailableError, LayerGrads, LayerOutputs, constant_under_compile, kernel_layer_problem,
-               register)
+from . import (BackendUnavailableError, KernelBackend, LayerGrads, LayerOutputs, constant_under_compile,
+               kernel_layer_problem, register)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The forward's recurrent product runs on tensor cores (WMMA) for these when its tiles fit shared memory; h_{t-1}
@@ -219,12 +219,10 @@ def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats:
     return sorted(times)[len(times) // 2]
 
 
-class CudaBackend(Backend):
+class CudaBackend(KernelBackend):
     """Persistent CUDA C++ kernels; see the module docstring and ``csrc/layer.cuh`` for the work split."""
 
     name = "cuda"
-    modes = ("hoisted", "fused")
-
     def unavailable(self, spec):
         reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "block")
         if reason is not None:
@@ -261,11 +259,6 @@ class CudaBackend(Backend):
         y, h_n, c_n, ws = op(x, h0, c0, w_ih, w_hh, gx, bias, b_hn, _lengths(a.lengths, x), bool(a.reverse),
                              block_h, use_tensor_cores(cell, B, H, x.dtype, x.device, block_h))
         return LayerOutputs(y, h_n, (c_n if cell == "lstm" else None), ws)
-
-    def workspace(self, inputs):
-        T, B = inputs.x.shape[0], inputs.x.shape[1]
-        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
-                                  dtype=compute_dtype(inputs.x.dtype))
 
     def backward(self, inputs, outputs, grads):
         a = inputs

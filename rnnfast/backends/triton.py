@@ -18,7 +18,7 @@ from ..kernels import layer
 from ..reference import GATES, compute_dtype
 from ..workspace import (fold_biases, gate_planes, hoisted_input, input_and_weight_grads, split_workspace,
                          workspace_numel)
-from . import Backend, LayerGrads, LayerOutputs, kernel_layer_problem, register
+from . import KernelBackend, LayerGrads, LayerOutputs, kernel_layer_problem, register
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -208,12 +208,10 @@ def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, rev
     return dx, dh0.to(dt), (dc.to(dt) if dc is not None else None), dw_ih, dw_hh, db_ih, db_hh
 
 
-class TritonBackend(Backend):
+class TritonBackend(KernelBackend):
     """Whole-sequence Triton kernels; see :mod:`rnnfast.kernels.layer` for the work split and schedules."""
 
     name = "triton"
-    modes = ("hoisted", "fused")
-
     def unavailable(self, spec):
         reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "program")
         if reason is not None:
@@ -243,11 +241,6 @@ class TritonBackend(Backend):
         y, h_n, c_n, ws = forward(a.cell, a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.lengths, a.reverse,
                                   fused=self.mode == "fused")
         return LayerOutputs(y, h_n, c_n, ws)
-
-    def workspace(self, inputs):
-        T, B = inputs.x.shape[0], inputs.x.shape[1]
-        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
-                                  dtype=compute_dtype(inputs.x.dtype))
 
     def backward(self, inputs, outputs, grads):
         a = inputs
