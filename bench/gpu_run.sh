@@ -123,7 +123,7 @@ phase imports 60 "$PY" -m bench.lease imports
 
 CUDA_LEFT_OUT=0
 if wanted cuda; then
-    cached=$(find "$RNNFAST_BUILD_DIR" -maxdepth 2 -name 'rnnfast_cuda*.so' 2>/dev/null | head -n 1)
+    cached=$(find "$RNNFAST_BUILD_DIR" -maxdepth 2 -name 'librnnfast_cuda.so' 2>/dev/null | head -n 1)
     say "   CUDA library: ${cached:+a build is there already ($cached); }RNNFAST_BUILD_DIR=$RNNFAST_BUILD_DIR" \
         "RNNFAST_CUDA_ARCHS=$RNNFAST_CUDA_ARCHS"
     # shellcheck disable=SC2086  # a command line, split into words on purpose

@@ -13,25 +13,18 @@
 // (sequence, chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
 #pragma once
 
-#include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
+#include <string>
 #include <type_traits>
 
-#include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-
+#include "capi.h"
+#include "primitives.cuh"
 #include "rnnfast.h"
 
 namespace rnnfast_cuda {
 
-namespace cg = cooperative_groups;
+using rf::exp_;
+using rf::from_float;
+using rf::tanh_;
 
 constexpr int kWarps = kThreads / 32;
 
@@ -74,10 +67,6 @@ struct BackwardArgs {
   bool reverse;
 };
 
-__device__ __forceinline__ float exp_(float v) { return expf(v); }
-__device__ __forceinline__ double exp_(double v) { return exp(v); }
-__device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
-__device__ __forceinline__ double tanh_(double v) { return tanh(v); }
 template <typename T>
 __device__ __forceinline__ T sigmoid_(T v) { return T(1) / (T(1) + exp_(-v)); }
 
@@ -85,20 +74,17 @@ template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   // Butterfly: every lane ends with the total.
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v += rf::shfl_xor(v, o);
   return v;
 }
 
-// The CUDA type a WMMA fragment takes for each half type (same bits as c10's), void where there is none.
+// The type a WMMA fragment takes for each layer dtype: the 16-bit types themselves, void where there is none.
 template <typename scalar_t>
 struct MmaType { using type = void; };
 template <>
-struct MmaType<c10::Half> { using type = __half; };
+struct MmaType<rf::half_t> { using type = rf::half_t; };
 template <>
-struct MmaType<c10::BFloat16> { using type = __nv_bfloat16; };
-
-__device__ __forceinline__ void from_float(float v, __half* out) { *out = __float2half_rn(v); }
-__device__ __forceinline__ void from_float(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
+struct MmaType<rf::bf16_t> { using type = rf::bf16_t; };
 
 // Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path keeps it
 // padded [n_pad][k_ld], plus h_{t-1} [m_pad][k_ld] in the layer's dtype and the product [m_pad][n_pad] in fp32.
@@ -124,7 +110,7 @@ __host__ __device__ inline size_t mma_product_offset(int m_pad, int n_pad, int k
 template <typename mma_t>
 __device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B, int H, int m_pad, int n_pad,
                                       int k_pad, int k_ld) {
-  namespace wmma = nvcuda::wmma;
+  namespace wmma = rf::wmma;
   const mma_t* wt = reinterpret_cast<const mma_t*>(smem);
   mma_t* at = reinterpret_cast<mma_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
   float* prod = reinterpret_cast<float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
@@ -132,9 +118,9 @@ __device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B
   // never a stale L1 line.
   for (int m = threadIdx.x / 32; m < m_pad; m += blockDim.x / 32) {
     for (int k = threadIdx.x % 32; k < k_pad; k += 32)
-      from_float(m < B && k < H ? __ldcg(h + static_cast<int64_t>(m) * H + k) : 0.f, &at[m * k_ld + k]);
+      from_float(m < B && k < H ? rf::ldcg(h + static_cast<int64_t>(m) * H + k) : 0.f, &at[m * k_ld + k]);
   }
-  __syncthreads();
+  rf::sync_block();
   const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles;
   for (int tile = threadIdx.x / 32; tile < tiles; tile += blockDim.x / 32) {
     const int mt = tile / n_tiles, nt = tile % n_tiles;
@@ -149,7 +135,7 @@ __device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B
     }
     wmma::store_matrix_sync(prod + static_cast<size_t>(mt) * 16 * n_pad + nt * 16, acc, n_pad, wmma::mem_row_major);
   }
-  __syncthreads();
+  rf::sync_block();
 }
 
 // The pointwise part of each cell, named and ordered as in rnnfast/reference.py, whose docstrings hold the
@@ -226,7 +212,7 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     else if (p.bias != nullptr) ax[g] += p.bias[g * H + j];
   }
   acc_t* gt = p.gates + tb * GW * H;
-  const acc_t h_prev = __ldcg(h_row + j);
+  const acc_t h_prev = rf::ldcg(h_row + j);
   acc_t h_new, c_new = acc_t(0), c_prev = acc_t(0);
   if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
     h_new = rnn_update(ax[0] + ah[0], CELL == kRnnRelu);
@@ -271,13 +257,12 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
   // W_hh slice, [G][HB][H]: row (g, jl) is W_hh row g*H + j0 + jl; rows past H are zero.
   // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 32 bytes.
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = rf::dynamic_smem();
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
-  cg::grid_group grid = cg::this_grid();
 
   const int T = p.T, B = p.B, I = p.I, H = p.H, HB = p.HB;
   const int j0 = blockIdx.x * HB;
-  const int nj = min(HB, H - j0);
+  const int nj = rf::imin(HB, H - j0);
   const int64_t BH = static_cast<int64_t>(B) * H;
   using mma_t = typename MmaType<scalar_t>::type;
   constexpr bool kHasMma = !std::is_void_v<mma_t>;
@@ -300,7 +285,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
       }
     }
   }
-  __syncthreads();
+  rf::sync_block();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int s = 0; s < T; ++s) {
@@ -325,7 +310,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
       }
       if (!tc) {
         for (int k = lane; k < H; k += 32) {
-          const acc_t hv = __ldcg(h_row + k);
+          const acc_t hv = rf::ldcg(h_row + k);
 #pragma unroll
           for (int u = 0; u < kUnits; ++u) {
             if (jc + u < nj) {
@@ -375,7 +360,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
       }
     }
     // Every unit of h_t must be written before any block reads it in the next step.
-    if (!last) grid.sync();
+    if (!last) rf::sync_grid();
   }
 }
 
@@ -390,20 +375,18 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   constexpr int GW = gate_planes_of(CELL);
   constexpr int kUnits = 8;  // units one warp reduces together in phase B
   // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero.
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
-  cg::grid_group grid = cg::this_grid();
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(rf::dynamic_smem());
 
   const int T = p.T, B = p.B, H = p.H, HB = p.HB;
   const int k0 = blockIdx.x * HB;
-  const int nk = min(HB, H - k0);
+  const int nk = rf::imin(HB, H - k0);
   const int GH = G * H;
   const int64_t BH = static_cast<int64_t>(B) * H;
   for (int idx = threadIdx.x; idx < HB * GH; idx += blockDim.x) {
     const int r = idx % GH, kl = idx / GH;
     w_s[idx] = kl < nk ? p.w_hh[static_cast<int64_t>(r) * H + k0 + kl] : scalar_t(0);
   }
-  __syncthreads();
+  rf::sync_block();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int s = 0; s < T; ++s) {
@@ -449,7 +432,7 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
       p.direct[bj] = active ? direct : dh_cur;
     }
     // Phase B reads every unit's gate gradients of this step.
-    grid.sync();
+    rf::sync_grid();
 
     // Phase B: one warp per (sequence, chunk of kUnits own units), each d_hid element read once per chunk:
     // dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
@@ -462,7 +445,7 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) acc[u] = acc_t(0);
       for (int r = lane; r < GH; r += 32) {
-        const acc_t dv = __ldcg(dr + r);
+        const acc_t dv = rf::ldcg(dr + r);
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
           if (kc + u < nk) acc[u] += dv * static_cast<acc_t>(w_s[(kc + u) * GH + r]);
@@ -480,118 +463,111 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
       }
     }
     // dh and direct of the own units are rewritten by other threads of this block in the next phase A.
-    __syncthreads();
+    rf::sync_block();
   }
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Refuses, with the reason, a launch whose blocks cannot all be resident at once (the grid barrier would hang).
-inline void check_cooperative(const void* kernel, int64_t blocks, size_t smem, const char* what) {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int coop = 0, optin = 0, sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  TORCH_CHECK(coop, "rnnfast cuda: ", what, ": this GPU does not support cooperative launches");
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), "rnnfast cuda: ", what, ": the W_hh slice of one block needs ",
-              smem, " bytes of shared memory but this GPU allows ", optin, " per block (hidden size too large)");
-  // The device maximum, the same for every caller: a per-launch size could race with another host thread's launch.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(static_cast<int64_t>(per_sm) * sms >= blocks, "rnnfast cuda: ", what, ": ", blocks,
-              " blocks must be resident at once for the grid barrier, but this GPU holds ", per_sm, " x ", sms);
+// The calling thread's last error message (capi.cpp).
+std::string& last_error();
+
+inline int invalid(const char* what, const std::string& why) {
+  last_error() = std::string(what) + ": " + why;
+  return RNNFAST_INVALID;
 }
 
-template <typename T>
-inline T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
-
+// One forward launch from the C parameters: ForwardArgs filled here, in one place.
 template <typename scalar_t, int CELL>
-void launch_forward(const ForwardTensors& a) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+int launch_forward(const rnnfast_forward_params* a, void* stream, const char* what) {
+  using acc_t = rf::acc_t<scalar_t>;
+  if (a == nullptr) return invalid(what, "null parameters");
+  if (a->T < 0 || a->B < 0 || a->H < 0 || a->I < 0 || a->block_h < 1)
+    return invalid(what, "sizes must be non-negative and block_h at least 1");
+  if (a->B == 0 || a->H == 0 || a->T == 0) return RNNFAST_OK;
+  if (a->w_hh == nullptr || a->y == nullptr || a->h_n == nullptr || a->gates == nullptr || a->hs == nullptr ||
+      (a->gx == nullptr && (a->x == nullptr || a->w_ih == nullptr)) ||
+      (CELL == kLstm && (a->cs == nullptr || a->c_n == nullptr)))
+    return invalid(what, "a required buffer is null");
+  if (a->gx != nullptr && a->bias != nullptr) return invalid(what, "the bias goes into gx in hoisted mode");
   ForwardArgs<scalar_t, acc_t> p;
-  p.x = ptr_or_null<const scalar_t>(a.x);
-  p.gx = ptr_or_null<const acc_t>(a.gx);
-  p.w_ih = ptr_or_null<const scalar_t>(a.w_ih);
-  p.w_hh = ptr_or_null<const scalar_t>(a.w_hh);
-  p.bias = ptr_or_null<const acc_t>(a.bias);
-  p.b_hn = ptr_or_null<const acc_t>(a.b_hn);
-  p.lengths = ptr_or_null<const int64_t>(a.lengths);
-  p.y = ptr_or_null<scalar_t>(a.y);
-  p.h_n = ptr_or_null<scalar_t>(a.h_n);
-  p.c_n = ptr_or_null<scalar_t>(a.c_n);
-  p.gates = ptr_or_null<acc_t>(a.gates);
-  p.hs = ptr_or_null<acc_t>(a.hs);
-  p.cs = ptr_or_null<acc_t>(a.cs);
-  p.T = static_cast<int>(a.x.size(0));
-  p.B = static_cast<int>(a.x.size(1));
-  p.I = static_cast<int>(a.x.size(2));
-  p.H = static_cast<int>(a.w_hh.size(1));
-  p.HB = static_cast<int>(a.block_h);
-  p.reverse = a.reverse;
-  p.tensor_cores = a.tensor_cores && !std::is_void_v<typename MmaType<scalar_t>::type>;
+  p.x = static_cast<const scalar_t*>(a->x);
+  p.gx = static_cast<const acc_t*>(a->gx);
+  p.w_ih = static_cast<const scalar_t*>(a->w_ih);
+  p.w_hh = static_cast<const scalar_t*>(a->w_hh);
+  p.bias = static_cast<const acc_t*>(a->bias);
+  p.b_hn = CELL == kGru ? static_cast<const acc_t*>(a->b_hn) : nullptr;
+  p.lengths = a->lengths;
+  p.y = static_cast<scalar_t*>(a->y);
+  p.h_n = static_cast<scalar_t*>(a->h_n);
+  p.c_n = static_cast<scalar_t*>(a->c_n);
+  p.gates = static_cast<acc_t*>(a->gates);
+  p.hs = static_cast<acc_t*>(a->hs);
+  p.cs = static_cast<acc_t*>(a->cs);
+  p.T = static_cast<int>(a->T);
+  p.B = static_cast<int>(a->B);
+  p.I = static_cast<int>(a->I);
+  p.H = static_cast<int>(a->H);
+  p.HB = static_cast<int>(a->block_h);
+  p.reverse = a->reverse != 0;
+  p.tensor_cores = a->tensor_cores != 0 && !std::is_void_v<typename MmaType<scalar_t>::type>;
   p.m_pad = static_cast<int>(ceil_div(p.B, 16) * 16);
   p.n_pad = static_cast<int>(ceil_div(static_cast<int64_t>(gates_of(CELL)) * p.HB, 16) * 16);
   p.k_pad = static_cast<int>(ceil_div(p.H, 16) * 16);
   p.k_ld = p.k_pad + 8;
-  if (p.B == 0 || p.H == 0 || p.T == 0) return;
   const int64_t blocks = ceil_div(p.H, p.HB);
   const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
-  const void* kernel = reinterpret_cast<const void*>(&layer_forward_kernel<scalar_t, acc_t, CELL>);
-  check_cooperative(kernel, blocks, smem, "forward");
-  void* args[] = {&p};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args,
-                                             smem, at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem, stream,
+                                what, &last_error());
 }
 
+// One backward-recurrence launch from the C parameters.
 template <typename scalar_t, int CELL>
-void launch_backward(const BackwardTensors& a) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+int launch_backward(const rnnfast_backward_params* a, void* stream, const char* what) {
+  using acc_t = rf::acc_t<scalar_t>;
+  if (a == nullptr) return invalid(what, "null parameters");
+  if (a->T < 0 || a->B < 0 || a->H < 0 || a->block_h < 1)
+    return invalid(what, "sizes must be non-negative and block_h at least 1");
+  if (a->B == 0 || a->H == 0 || a->T == 0) return RNNFAST_OK;
+  if (a->grad_y == nullptr || a->w_hh == nullptr || a->gates == nullptr || a->hs == nullptr ||
+      a->d_in == nullptr || a->d_hid == nullptr || a->dh == nullptr || a->direct == nullptr ||
+      (CELL == kLstm && (a->cs == nullptr || a->dc == nullptr)))
+    return invalid(what, "a required buffer is null");
   BackwardArgs<scalar_t, acc_t> p;
-  p.grad_y = ptr_or_null<const scalar_t>(a.grad_y);
-  p.w_hh = ptr_or_null<const scalar_t>(a.w_hh);
-  p.lengths = ptr_or_null<const int64_t>(a.lengths);
-  p.gates = ptr_or_null<const acc_t>(a.gates);
-  p.hs = ptr_or_null<const acc_t>(a.hs);
-  p.cs = ptr_or_null<const acc_t>(a.cs);
-  p.d_in = ptr_or_null<acc_t>(a.d_in);
-  p.d_hid = ptr_or_null<acc_t>(a.d_hid);
-  p.dh = ptr_or_null<acc_t>(a.dh);
-  p.dc = ptr_or_null<acc_t>(a.dc);
-  p.direct = ptr_or_null<acc_t>(a.direct);
-  p.T = static_cast<int>(a.grad_y.size(0));
-  p.B = static_cast<int>(a.grad_y.size(1));
-  p.H = static_cast<int>(a.w_hh.size(1));
-  p.HB = static_cast<int>(a.block_h);
-  p.reverse = a.reverse;
-  if (p.B == 0 || p.H == 0 || p.T == 0) return;
+  p.grad_y = static_cast<const scalar_t*>(a->grad_y);
+  p.w_hh = static_cast<const scalar_t*>(a->w_hh);
+  p.lengths = a->lengths;
+  p.gates = static_cast<const acc_t*>(a->gates);
+  p.hs = static_cast<const acc_t*>(a->hs);
+  p.cs = static_cast<const acc_t*>(a->cs);
+  p.d_in = static_cast<acc_t*>(a->d_in);
+  p.d_hid = static_cast<acc_t*>(a->d_hid);
+  p.dh = static_cast<acc_t*>(a->dh);
+  p.dc = static_cast<acc_t*>(a->dc);
+  p.direct = static_cast<acc_t*>(a->direct);
+  p.T = static_cast<int>(a->T);
+  p.B = static_cast<int>(a->B);
+  p.H = static_cast<int>(a->H);
+  p.HB = static_cast<int>(a->block_h);
+  p.reverse = a->reverse != 0;
   const int64_t blocks = ceil_div(p.H, p.HB);
   const size_t smem = sizeof(scalar_t) * gates_of(CELL) * p.HB * p.H;
-  const void* kernel = reinterpret_cast<const void*>(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>);
-  check_cooperative(kernel, blocks, smem, "backward");
-  void* args[] = {&p};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), args,
-                                             smem, at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem,
+                                stream, what, &last_error());
 }
 
-// One cell's two host entry points, for the four dtypes.
-#define RNNFAST_DEFINE_CELL(name, CELL)                                                                  \
-  void name##_forward_cuda(const ForwardTensors& a) {                                                    \
-    const c10::cuda::CUDAGuard guard(a.x.device());                                                      \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), #name "_forward",       \
-                                    [&] { launch_forward<scalar_t, CELL>(a); });                         \
-  }                                                                                                      \
-  void name##_backward_recurrent_cuda(const BackwardTensors& a) {                                        \
-    const c10::cuda::CUDAGuard guard(a.grad_y.device());                                                 \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_y.scalar_type(),                    \
-                                    #name "_backward_recurrent",                                         \
-                                    [&] { launch_backward<scalar_t, CELL>(a); });                        \
-  }
-
 }  // namespace rnnfast_cuda
+
+// One cell's eight C entry points: forward and backward for the four dtypes.
+#define RNNFAST_DEFINE_DTYPE(name, CELL, suffix, scalar)                                                   \
+  extern "C" int rnnfast_##name##_forward_##suffix(const rnnfast_forward_params* a, void* stream) {      \
+    return rnnfast_cuda::launch_forward<scalar, CELL>(a, stream, #name "_forward_" #suffix);             \
+  }                                                                                                      \
+  extern "C" int rnnfast_##name##_backward_##suffix(const rnnfast_backward_params* a, void* stream) {    \
+    return rnnfast_cuda::launch_backward<scalar, CELL>(a, stream, #name "_backward_" #suffix);           \
+  }
+#define RNNFAST_DEFINE_CELL(name, CELL)                              \
+  RNNFAST_DEFINE_DTYPE(name, CELL, f32, float)                       \
+  RNNFAST_DEFINE_DTYPE(name, CELL, f64, double)                      \
+  RNNFAST_DEFINE_DTYPE(name, CELL, f16, rf::half_t)                  \
+  RNNFAST_DEFINE_DTYPE(name, CELL, bf16, rf::bf16_t)

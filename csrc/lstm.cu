@@ -1,9 +1,5 @@
-// The lstm layer's persistent forward and recurrent backward kernels (templates in layer.cuh), one file per cell so
-// that nvcc compiles the cells in parallel.
+// The lstm layer's persistent forward and recurrent backward kernels (templates in layer.cuh) and their C entry
+// points (capi.h), one file per cell so that nvcc compiles the cells in parallel.
 #include "layer.cuh"
 
-namespace rnnfast_cuda {
-
-RNNFAST_DEFINE_CELL(lstm, kLstm)
-
-}  // namespace rnnfast_cuda
+RNNFAST_DEFINE_CELL(lstm, rnnfast_cuda::kLstm)

@@ -1,9 +1,5 @@
-// The rnn_relu layer's persistent forward and recurrent backward kernels (templates in layer.cuh), one file per cell so
-// that nvcc compiles the cells in parallel.
+// The rnn_relu layer's persistent forward and recurrent backward kernels (templates in layer.cuh) and their C entry
+// points (capi.h), one file per cell so that nvcc compiles the cells in parallel.
 #include "layer.cuh"
 
-namespace rnnfast_cuda {
-
-RNNFAST_DEFINE_CELL(rnn_relu, kRnnRelu)
-
-}  // namespace rnnfast_cuda
+RNNFAST_DEFINE_CELL(rnn_relu, rnnfast_cuda::kRnnRelu)

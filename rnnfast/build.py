@@ -1,21 +1,31 @@
-"""Build the CUDA C++ extension in ``csrc/`` (JIT, ninja, cached) and say where it is.
+"""Build the CUDA library of ``csrc/`` (ninja, cached) and its CPU emulation, and say where they are.
 
-``python -m rnnfast.build`` builds ahead of time and prints the path of the shared library; otherwise the
-``cuda`` backend builds on first use. Every build setting is read here, and only here:
+Two shared libraries from the same kernel source, both free of torch (a C ABI, ``csrc/capi.h``, called with
+ctypes), so a build loads under any torch and can be made on a machine without a GPU and carried to one:
+
+- ``librnnfast_cuda.so``: nvcc, for the GPU; the CUDA runtime is linked statically, so it needs only a driver;
+- ``librnnfast_emu.so``: the host compiler with ``-DRNNFAST_EMULATE`` (``csrc/emulate.h``), the CPU execution mode
+  that ``RNNFAST_CUDA_EMULATE=1`` selects: every CUDA thread a fiber.
+
+``python -m rnnfast.build`` builds the GPU library ahead of time and prints its path (``--emulate``: the emulation's);
+otherwise the ``cuda`` backend builds on first use. Every build setting is read here, and only here:
 
 - ``RNNFAST_CUDA_ARCHS``: compute capabilities to compile for, e.g. ``"80;90"`` or ``"8.0 9.0"`` (default: the
   GPUs found plus 8.0 and 9.0; PTX of the highest is embedded too, for newer GPUs).
 - ``RNNFAST_BUILD_DIR``: where builds are cached (default ``$XDG_CACHE_HOME/rnnfast`` or ``~/.cache/rnnfast``);
-  each torch / CUDA / Python / architecture combination gets its own subdirectory.
+  each toolkit / architecture / checkout combination gets its own subdirectory.
 - ``CUDA_HOME`` (or ``CUDA_PATH``): the CUDA toolkit; default ``/usr/local/cuda``, else the ``nvcc`` on ``PATH``.
+- ``CXX``: the host compiler of the emulation (default ``c++``, else ``g++``).
 
-``torch.utils.cpp_extension.load`` drives ninja, which rebuilds when a source, a header or a flag changed, and
-it holds a lock file in the build directory while it builds, so two processes building at once take turns and
-the second loads what the first built.
+rnnfast writes the ``build.ninja`` and runs ninja. Each build folder is named by a hash of the sources, headers and
+flags, so a changed source builds into a new folder and a library found in its folder is current (one built on
+another machine and carried over is used as is). A lock file makes two processes building at once take turns; the
+second finds the library built.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -23,17 +33,17 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
-import torch
 from packaging import version
 
 ENV_ARCHS = "RNNFAST_CUDA_ARCHS"
 ENV_BUILD_DIR = "RNNFAST_BUILD_DIR"
-EXTENSION_NAME = "rnnfast_cuda"
-SOURCES = ("ops.cpp", "rnn_tanh.cu", "rnn_relu.cu", "gru.cu", "lstm.cu", "barrier.cu")
-HEADERS = ("rnnfast.h", "layer.cuh")
+GPU_LIBRARY = "librnnfast_cuda.so"
+EMU_LIBRARY = "librnnfast_emu.so"
+KERNEL_SOURCES = ("capi.cu", "rnn_tanh.cu", "rnn_relu.cu", "gru.cu", "lstm.cu", "barrier.cu")
+EMU_SOURCES = ("emulate.cpp",)
+HEADERS = ("capi.h", "rnnfast.h", "layer.cuh", "primitives.cuh", "emulate.h")
 # The kernels use cooperative grid barriers and bfloat16, and are only tuned for Ampere and newer.
 MIN_ARCH = 80
 DEFAULT_ARCHS = (80, 90)
@@ -46,8 +56,9 @@ def source_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
-def sources_problem() -> str | None:
-    missing = [name for name in SOURCES + HEADERS if not (source_dir() / name).is_file()]
+def sources_problem(emulate: bool = False) -> str | None:
+    names = KERNEL_SOURCES + HEADERS + (EMU_SOURCES if emulate else ())
+    missing = [name for name in names if not (source_dir() / name).is_file() and (emulate or name != "emulate.h")]
     if missing:
         return (f"the CUDA sources are not installed (looked for {', '.join(missing)} in {source_dir()}); "
                 "install rnnfast from a source checkout in editable mode (pip install -e .)")
@@ -80,13 +91,23 @@ def nvcc_version(home: str) -> version.Version | None:
     return version.Version(m.group(1)) if m else None
 
 
+def _ninja() -> str | None:
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja  # the pip package puts the binary next to the interpreter
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except (ImportError, AttributeError):
+        return None
+
+
 def toolchain_problem() -> str | None:
-    """None when the extension can be built (or is built) here, else the reason it cannot."""
+    """None when the GPU library can be built (or is built) here, else the reason it cannot."""
     problem = sources_problem()
     if problem:
         return problem
-    if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) was built without CUDA"
     home = cuda_home()
     if home is None or not (Path(home) / "bin" / "nvcc").exists():
         return "nvcc was not found: install the CUDA toolkit and set CUDA_HOME (e.g. CUDA_HOME=/usr/local/cuda)"
@@ -95,14 +116,27 @@ def toolchain_problem() -> str | None:
         return f"{Path(home) / 'bin' / 'nvcc'} --version did not say its release"
     if found < MIN_CUDA:
         return f"nvcc {found} is too old; the kernels need CUDA {MIN_CUDA} or newer"
-    if version.Version(torch.version.cuda).major != found.major:
-        return (f"nvcc {found} (CUDA_HOME={home}) does not match the CUDA {torch.version.cuda} this torch was "
-                "built with; point CUDA_HOME at a matching toolkit")
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401  (the pip package puts the binary next to the interpreter)
-        except ImportError:
-            return "ninja is not installed (pip install ninja)"
+    if _ninja() is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def host_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def emulation_problem() -> str | None:
+    """None when the CPU emulation library can be built here, else the reason it cannot."""
+    problem = sources_problem(emulate=True)
+    if problem:
+        return problem
+    if host_compiler() is None:
+        return "no host C++ compiler was found (set CXX, or install g++)"
+    if _ninja() is None:
+        return "ninja is not installed (pip install ninja)"
     return None
 
 
@@ -129,7 +163,8 @@ def target_archs() -> list[int]:
     if text.strip():
         return parse_archs(text)
     found = set(DEFAULT_ARCHS)
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # the GPUs present, when torch is loaded; the build itself needs no torch
+    if torch is not None and torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             if major * 10 + minor >= MIN_ARCH:
@@ -141,63 +176,114 @@ def nvcc_flags(archs: list[int]) -> list[str]:
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # PTX of the highest architecture, which the driver compiles for GPUs newer than any listed.
     flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    return flags + ["-O3", "-lineinfo"]
+    return flags + ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+                    "-Xcompiler", "-fvisibility=hidden"]
 
 
-def build_dir(archs: list[int]) -> Path:
+# The emulation: every CUDA thread a fiber on one OS thread. -O1 keeps the build quick; the tests run small grids.
+EMU_FLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-fvisibility=hidden", "-DRNNFAST_EMULATE", "-Wall",
+             "-Wno-unknown-pragmas"]
+
+
+def _cache_root() -> Path:
     base = os.environ.get(ENV_BUILD_DIR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rnnfast")
-    key = (f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info.major}{sys.version_info.minor}"
-           f"-sm{'_'.join(map(str, archs))}"
-           # Two checkouts must not share (and relink under each other) one build folder.
-           f"-src{hashlib.sha1(str(source_dir()).encode()).hexdigest()[:8]}")
-    return Path(base) / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+    return Path(base)
 
 
-def _include_paths() -> list[str]:
-    # ATen's CUDAContext.h includes the cuBLAS/cuSPARSE headers, which torch's pip wheels ship in nvidia/cu*/include.
-    site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
-    return [str(p) for p in sorted(site.glob("cu[0-9]*/include")) if p.is_dir()]
+def _sources_key(emulate: bool) -> str:
+    """A hash of what the library is made of: every source and header, and the flags. A folder named by it holds
+    exactly one build, so a library built on another machine and carried over (bench/gpu_run.sh) is used as is."""
+    h = hashlib.sha256()
+    names = KERNEL_SOURCES + HEADERS + (EMU_SOURCES if emulate else ())
+    for name in sorted(n for n in names if emulate or n != "emulate.h"):
+        path = source_dir() / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
+    h.update(" ".join(EMU_FLAGS if emulate else nvcc_flags(target_archs())).encode())
+    return h.hexdigest()[:12]
 
 
-_loaded_path: str | None = None
+def build_dir(archs: list[int] | None = None, *, emulate: bool = False) -> Path:
+    """The build folder of the GPU library for ``archs`` (default: :func:`target_archs`), or of the emulation."""
+    if emulate:
+        key = f"emu-{Path(host_compiler() or 'cxx').name}-{_sources_key(True)}"
+    else:
+        archs = archs or target_archs()
+        home = cuda_home()
+        nvcc = nvcc_version(home) if home else None
+        key = f"cuda{nvcc or 'none'}-sm{'_'.join(map(str, archs))}-{_sources_key(False)}"
+    return _cache_root() / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def _q(path) -> str:
+    return str(path).replace(" ", "$ ").replace(":", "$:")
+
+
+def write_ninja(directory: Path, *, emulate: bool) -> Path:
+    """Write ``build.ninja`` for one library into ``directory``; returns the library's path."""
+    src = source_dir()
+    headers = " ".join(_q(src / h) for h in HEADERS if emulate or h != "emulate.h")
+    lines = ["ninja_required_version = 1.3"]
+    objects = []
+    if emulate:
+        cxx = host_compiler()
+        flags = " ".join(EMU_FLAGS + [f"-I{src}"])
+        lines += [f"cxx = {cxx}", f"flags = {flags}",
+                  "rule compile", "  command = $cxx $flags -x c++ -c $in -o $out", "  description = emulation $in",
+                  "rule link", "  command = $cxx -shared $in -o $out", "  description = link $out"]
+        for name in KERNEL_SOURCES + EMU_SOURCES:
+            obj = f"{name}.o"
+            lines.append(f"build {obj}: compile {_q(src / name)} | {headers}")
+            objects.append(obj)
+        library = EMU_LIBRARY
+    else:
+        home = Path(cuda_home())
+        flags = " ".join(nvcc_flags(target_archs()) + [f"-I{src}"])
+        lines += [f"nvcc = {home / 'bin' / 'nvcc'}", f"flags = {flags}",
+                  "rule compile", "  command = $nvcc $flags -c $in -o $out", "  description = nvcc $in",
+                  # Static CUDA runtime: the library needs a driver, not a libcudart of one version.
+                  "rule link", "  command = $nvcc -shared -cudart static $in -o $out", "  description = link $out"]
+        for name in KERNEL_SOURCES:
+            obj = f"{name}.o"
+            lines.append(f"build {obj}: compile {_q(src / name)} | {headers}")
+            objects.append(obj)
+        library = GPU_LIBRARY
+    lines.append(f"build {library}: link {' '.join(objects)}")
+    lines.append(f"default {library}")
+    text = "\n".join(lines) + "\n"
+    path = directory / "build.ninja"
+    if not path.exists() or path.read_text() != text:  # an unchanged file keeps ninja's state
+        path.write_text(text)
+    return directory / library
+
+
+def build(*, emulate: bool = False, verbose: bool = False) -> str:
+    """Build one library if needed; returns its path. Raises RuntimeError with the reason when it cannot."""
+    problem = emulation_problem() if emulate else toolchain_problem()
+    if problem:
+        raise RuntimeError(f"cannot build the rnnfast {'CUDA emulation' if emulate else 'CUDA'} library: {problem}")
+    directory = build_dir(emulate=emulate)
+    library = directory / (EMU_LIBRARY if emulate else GPU_LIBRARY)
+    if library.is_file():  # the folder is named by the sources' hash: a library there is current
+        return str(library)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the library built
+        if not library.is_file():
+            write_ninja(directory, emulate=emulate)
+            what = "the CPU emulation of the CUDA kernels" if emulate else "the CUDA kernels"
+            print(f"rnnfast: building {what} in {directory} (a minute or two, once)", file=sys.stderr, flush=True)
+            out = subprocess.run([_ninja(), "-C", str(directory)] + (["-v"] if verbose else []),
+                                 capture_output=not verbose, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"building {library.name} failed:\n{(out.stdout or '')[-6000:]}"
+                                   f"{(out.stderr or '')[-2000:]}")
+    return str(library)
 
 
 def load(verbose: bool = False) -> str:
-    """Build (if needed) and load the extension; returns the shared library's path. Raises RuntimeError saying
-    why when it cannot be built. Loads at most once per process: a second library registering the same ops (say,
-    built for other architectures) would abort the process."""
-    global _loaded_path
-    if _loaded_path is not None:
-        return _loaded_path
-    problem = toolchain_problem()
-    if problem:
-        raise RuntimeError(f"cannot build the rnnfast CUDA extension: {problem}")
-    home = cuda_home()
-    os.environ.setdefault("CUDA_HOME", home)
-    from torch.utils import cpp_extension
-
-    # cpp_extension reads CUDA_HOME once, at its import; it may have been imported earlier with a worse guess.
-    cpp_extension.CUDA_HOME = home
-    archs = target_archs()
-    directory = build_dir(archs)
-    directory.mkdir(parents=True, exist_ok=True)
-    src = source_dir()
-    path = cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(src / name) for name in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=nvcc_flags(archs),
-        extra_include_paths=[str(src)] + _include_paths(),
-        build_directory=str(directory),
-        with_cuda=True,
-        is_python_module=False,
-        verbose=verbose,
-    )
-    if not isinstance(path, str):  # older torch returns None here; the library is the newest build of the name
-        path = max(directory.glob(f"{EXTENSION_NAME}*.so"), key=lambda p: p.stat().st_mtime)
-    _loaded_path = str(path)
-    return _loaded_path
+    """Build the GPU library if needed; its path (kept for ``python -m rnnfast.build`` and older callers)."""
+    return build(verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m rnnfast.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    parser.add_argument("--emulate", action="store_true", help="build the CPU emulation library instead")
     args = parser.parse_args(argv)
     try:
-        path = load(verbose=args.verbose)
+        path = build(emulate=args.emulate, verbose=args.verbose)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"rnnfast.build: {exc}", file=sys.stderr)
         return 1

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run under the interpreter, which triton.jit picks when rnnfast is imported.
+# Without a GPU the Triton kernels run under the interpreter, which triton.jit picks when rnnfast is imported, and
+# the CUDA kernels in their CPU execution mode (rnnfast.backends.cuda reads RNNFAST_CUDA_EMULATE at import).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("RNNFAST_CUDA_EMULATE", "1")
 
 # The tolerance table and rule live in rnnfast.testing (shared with bench and rnnfast.tune); re-exported here.
 from rnnfast.testing import (BASELINE_FACTOR, TOLERANCES, assert_close, assert_within_baseline,  # noqa: E402,F401

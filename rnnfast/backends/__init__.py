@@ -163,6 +163,16 @@ class KernelBackend(Backend):
     steps as one GEMM first; ``fused``: inside each step) and the forward's workspace (:mod:`rnnfast.workspace`)."""
 
     modes = ("hoisted", "fused")
+    # Set when the kernels run on CPU tensors under an interpreter or an emulation: correct, for testing, and so
+    # never picked by auto. ``cpu_mode_name`` says which.
+    cpu_mode = False
+    cpu_mode_name = ""
+
+    def auto_unavailable(self, spec):
+        reason = self.unavailable(spec)
+        if reason is None and self.cpu_mode:
+            return f"it runs under {self.cpu_mode_name}, which is for testing, not speed"
+        return reason
 
     def workspace(self, inputs):
         T, B = inputs.x.shape[0], inputs.x.shape[1]

@@ -1,16 +1,22 @@
-"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/``, built with ninja on first use (:mod:`rnnfast.build`).
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/``, a library with a C ABI (``csrc/capi.h``) that is free of
+torch, built with ninja on first use (:mod:`rnnfast.build`) and called here with ctypes on torch's current stream.
 
 Modes (``backend="cuda:<mode>"``): ``hoisted`` (default) computes ``x @ W_ih^T`` plus the biases for all steps as
 one GEMM before the recurrent kernel; ``fused`` multiplies ``x_t`` by each unit's ``W_ih`` rows inside the step.
 
-Per layer call: one persistent cooperative kernel runs the whole forward sequence (``<cell>_forward``), one runs
-the backward recurrence in reverse time (``<cell>_backward_recurrent``), and the input, weight and bias gradients
-are GEMMs over all steps here. Each block owns ``block_h`` hidden units with all their gates and keeps that slice
-of ``W_hh`` in shared memory; the plan below picks ``block_h`` so that every block is resident at once (one per
-multiprocessor), or refuses the layer when the slice does not fit.
+Per layer call: one persistent cooperative kernel runs the whole forward sequence (``rnnfast_<cell>_forward_<dt>``),
+one runs the backward recurrence in reverse time (``rnnfast_<cell>_backward_<dt>``), and the input, weight and bias
+gradients are GEMMs over all steps here. Each block owns ``block_h`` hidden units with all their gates and keeps that
+slice of ``W_hh`` in shared memory; :func:`plan` picks ``block_h`` so that every block is resident at once (one per
+multiprocessor), or refuses the layer when the slice does not fit; the library checks co-residency again at launch
+and refuses with the reason. Allocation, the GEMMs, validation and dispatch stay here, in Python.
 
 float16/bfloat16 layers run the forward's recurrent product on tensor cores (WMMA) when the tiles fit shared memory
 (:data:`TENSOR_CORES`); everything else is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
+
+``RNNFAST_CUDA_EMULATE=1`` (read at import) runs the same kernel source on CPU tensors instead: the library built by
+the host compiler against ``csrc/emulate.h``, every CUDA thread a fiber, for an emulated H100/H200 (132
+multiprocessors, 227 KiB of shared memory per block). Correct, slow, and never chosen by ``auto``.
 
 Importing this module never compiles anything and never fails for want of nvcc or a GPU: :meth:`unavailable`
 reports the reason instead.
@@ -18,11 +24,14 @@ reports the reason instead.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import threading
 
 import torch
 
-from ..reference import CELLS, GATES, compute_dtype
+from ..reference import GATES, compute_dtype
 from ..workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
 from . import (BackendUnavailableError, KernelBackend, LayerGrads, LayerOutputs, constant_under_compile,
                kernel_layer_problem, register)
@@ -34,9 +43,35 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TENSOR_CORES = True
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
-NAMESPACE = "rnnfast_cuda"  # the C++ ops' library (csrc/ops.cpp)
+ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
+EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
+# The GPU the emulation stands for (csrc/primitives.cuh: kEmulatedSMs, kEmulatedSmemOptin).
+EMULATED_DEVICE = (132, 232448, 9, 0, "CPU emulation of an sm_90 GPU")
+ABI_VERSION = 1  # csrc/capi.h, RNNFAST_ABI_VERSION
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+_STATUS = {1: "invalid argument", 2: "refused", 3: "CUDA error", 4: "emulation error"}
+REFUSED = 2
+
+
+class ForwardParams(ctypes.Structure):
+    """``rnnfast_forward_params`` of csrc/capi.h, field for field."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
+                                               "c_n", "gates", "hs", "cs")] + \
+               [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h")] + \
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
+
+
+class BackwardParams(ctypes.Structure):
+    """``rnnfast_backward_params`` of csrc/capi.h, field for field."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
+                                               "dh", "dc", "direct")] + \
+               [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h")] + [("reverse", ctypes.c_int32)]
+
 
 _lock = threading.Lock()
+_library: ctypes.CDLL | None = None
 _loaded: str | None = None  # path of the loaded library
 _load_error: str | None = None  # why building or loading failed, once it has
 
@@ -57,8 +92,10 @@ def _shared_memory_limit(props) -> int:
 
 @constant_under_compile
 def _device_facts(index: int | None) -> tuple[int, int, int, int, str]:
-    """``(multiprocessors, shared memory bytes per block, major, minor, name)`` of CUDA device ``index``.
-    torch.compile calls this once, eagerly, and keeps the result instead of tracing into the CUDA runtime."""
+    """``(multiprocessors, shared memory bytes per block, major, minor, name)`` of CUDA device ``index`` (of the
+    emulated GPU under RNNFAST_CUDA_EMULATE). torch.compile calls this once, eagerly, and keeps the result."""
+    if EMULATED:
+        return EMULATED_DEVICE
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, _shared_memory_limit(props), props.major, props.minor, props.name
 
@@ -105,67 +142,52 @@ def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torc
     return need <= _device_facts(device.index)[1]
 
 
-def _fakes(cell: str):
-    """Fake (meta) kernels of one cell's C++ ops: shapes and dtypes only, for torch.compile and FakeTensor."""
-    G = GATES[cell]
-
-    def forward_fake(x, h0, c0, w_ih, w_hh, gx, bias, b_hn, lengths, reverse, block_h, tensor_cores):
-        T, B = x.shape[0], x.shape[1]
-        H = w_hh.shape[1]
-        c_n = x.new_empty(B, H) if cell == "lstm" else x.new_empty(0)
-        return (x.new_empty(T, B, H), x.new_empty(B, H), c_n,
-                x.new_empty(workspace_numel(cell, T, B, H), dtype=compute_dtype(x.dtype)))
-
-    def backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, workspace, lengths, reverse, block_h):
-        T, B, H = grad_y.shape
-        ct = compute_dtype(grad_y.dtype)
-        d_hid = grad_y.new_empty(T, B, G * H, dtype=ct) if cell == "gru" else grad_y.new_empty(0, dtype=ct)
-        dc0 = grad_y.new_empty(B, H, dtype=ct) if cell == "lstm" else grad_y.new_empty(0, dtype=ct)
-        return grad_y.new_empty(T, B, G * H, dtype=ct), d_hid, grad_y.new_empty(B, H, dtype=ct), dc0
-
-    return forward_fake, backward_fake
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.rnnfast_abi_version.restype = ctypes.c_int
+    lib.rnnfast_emulated.restype = ctypes.c_int
+    lib.rnnfast_last_error.restype = ctypes.c_char_p
+    lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.rnnfast_grid_barrier.restype = ctypes.c_int
+    for cell in GATES:
+        for suffix in _DTYPE_SUFFIX.values():
+            fwd, bwd = getattr(lib, f"rnnfast_{cell}_forward_{suffix}"), getattr(lib, f"rnnfast_{cell}_backward_{suffix}")
+            fwd.argtypes = [ctypes.POINTER(ForwardParams), ctypes.c_void_p]
+            bwd.argtypes = [ctypes.POINTER(BackwardParams), ctypes.c_void_p]
+            fwd.restype = bwd.restype = ctypes.c_int
 
 
-def _register_fakes() -> None:
-    for cell in CELLS:
-        forward_fake, backward_fake = _fakes(cell)
-        torch.library.register_fake(f"{NAMESPACE}::{cell}_forward", forward_fake)
-        torch.library.register_fake(f"{NAMESPACE}::{cell}_backward_recurrent", backward_fake)
-
-    def grid_barrier_fake(device_like, blocks, iters):
-        return device_like.new_empty((), dtype=torch.int32)
-
-    torch.library.register_fake(f"{NAMESPACE}::grid_barrier", grid_barrier_fake)
-
-
-def load_library() -> str:
-    """Build on first use and load the extension; the path of the library. Raises BackendUnavailableError with the
-    reason when it cannot be built or loaded (and remembers it, so that :meth:`CudaBackend.unavailable` says so)."""
-    global _loaded, _load_error
+def load_library() -> ctypes.CDLL:
+    """Build on first use and load the library (the emulation's under RNNFAST_CUDA_EMULATE). Raises
+    BackendUnavailableError with the reason when it cannot be built or loaded, and remembers it, so that
+    :meth:`CudaBackend.unavailable` says so."""
+    global _library, _loaded, _load_error
     with _lock:
-        if _loaded is not None:
-            return _loaded
+        if _library is not None:
+            return _library
         if _load_error is not None:
             raise BackendUnavailableError(f"rnnfast backend 'cuda' is not available: {_load_error}")
         try:
-            path = _build().load()
-            if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "lstm_forward"):
-                raise RuntimeError(f"{path} loaded but did not register the {NAMESPACE} ops")
-            _register_fakes()
+            path = _build().build(emulate=EMULATED)
+            lib = ctypes.CDLL(path)
+            _declare(lib)
+            if lib.rnnfast_abi_version() != ABI_VERSION or lib.rnnfast_emulated() != int(EMULATED):
+                raise RuntimeError(f"{path} has ABI {lib.rnnfast_abi_version()} (emulated: {lib.rnnfast_emulated()}),"
+                                   f" expected {ABI_VERSION} (emulated: {int(EMULATED)})")
         except Exception as exc:  # noqa: BLE001  (a compiler error, a missing library: the reason is the message)
-            _load_error = f"building or loading the CUDA extension failed: {type(exc).__name__}: {exc}"
+            _load_error = f"building or loading the CUDA library failed: {type(exc).__name__}: {exc}"
             raise BackendUnavailableError(f"rnnfast backend 'cuda' is not available: {_load_error}") from exc
-        _loaded = path
-        return path
+        _library, _loaded = lib, path
+        return lib
 
 
 @constant_under_compile
 def _library_problem() -> str | None:
-    """None once the extension is loaded; else builds and loads it (built on first use: the first layer that could
+    """None once the library is loaded; else builds and loads it (built on first use: the first layer that could
     run here builds it) and returns why that failed. torch.compile calls this eagerly instead of tracing it."""
-    if _loaded is not None:
+    if _library is not None:
         return None
-    problem = _build().toolchain_problem()
+    build = _build()
+    problem = build.emulation_problem() if EMULATED else build.toolchain_problem()
     if problem is not None:
         return problem
     try:
@@ -175,9 +197,20 @@ def _library_problem() -> str | None:
     return None
 
 
-def _require_cuda(x: torch.Tensor) -> None:
-    if x.device.type != "cuda":
-        raise BackendUnavailableError(f"rnnfast backend 'cuda' needs CUDA tensors, got {x.device}")
+def _check(rc: int, what: str) -> None:
+    """Raise the library's error: a refusal as BackendUnavailableError, anything else as RuntimeError."""
+    if rc == 0:
+        return
+    message = (_library.rnnfast_last_error() or b"").decode(errors="replace")
+    text = f"rnnfast backend 'cuda': {what}: {_STATUS.get(rc, f'status {rc}')}: {message}"
+    raise (BackendUnavailableError if rc == REFUSED else RuntimeError)(text)
+
+
+def _require_device(x: torch.Tensor) -> None:
+    want = "cpu" if EMULATED else "cuda"
+    if x.device.type != want:
+        raise BackendUnavailableError(f"rnnfast backend 'cuda' needs {'CPU' if EMULATED else 'CUDA'} tensors"
+                                      f"{' under RNNFAST_CUDA_EMULATE' if EMULATED else ''}, got {x.device}")
 
 
 def _block_h(cell: str, H: int, x: torch.Tensor) -> int:
@@ -187,8 +220,12 @@ def _block_h(cell: str, H: int, x: torch.Tensor) -> int:
     return block_h
 
 
-def _op(name: str):
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int | None:
+    return None if EMULATED else torch.cuda.current_stream(device).cuda_stream
 
 
 def _lengths(lengths, x):
@@ -200,17 +237,18 @@ def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats:
     """Microseconds one cooperative grid barrier costs with ``blocks`` blocks of 256 threads (default: one per
     multiprocessor, as the layer kernels launch): the median over ``repeats`` launches of ``iters`` barriers,
     timed with CUDA events after a warm-up launch."""
-    load_library()
+    lib = load_library()
     device = torch.device(device)
     blocks = blocks or torch.cuda.get_device_properties(device).multi_processor_count
-    like = torch.empty(0, device=device)
+    passed = torch.zeros((), dtype=torch.int32, device=device)
     times = []
-    with torch.cuda.device(device):  # the events must record on the stream the op launches on
-        torch.ops.rnnfast_cuda.grid_barrier(like, blocks, 10)
+    with torch.cuda.device(device):  # the events must record on the stream the library launches on
+        stream = _stream(device)
+        _check(lib.rnnfast_grid_barrier(blocks, 10, passed.data_ptr(), stream), "grid_barrier")
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            passed = torch.ops.rnnfast_cuda.grid_barrier(like, blocks, iters)
+            _check(lib.rnnfast_grid_barrier(blocks, iters, passed.data_ptr(), stream), "grid_barrier")
             end.record()
             end.synchronize()
             if int(passed) != iters:
@@ -223,15 +261,24 @@ class CudaBackend(KernelBackend):
     """Persistent CUDA C++ kernels; see the module docstring and ``csrc/layer.cuh`` for the work split."""
 
     name = "cuda"
+    cpu_mode = EMULATED
+    cpu_mode_name = "the CPU emulation (RNNFAST_CUDA_EMULATE)"
+
     def unavailable(self, spec):
         reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "block")
         if reason is not None:
             return reason
-        if spec.device.type != "cuda":
-            return f"the CUDA kernels need CUDA tensors, got {spec.device}"
-        reason = _gpu_problem(spec.device.index)
-        if reason is not None:
-            return reason
+        if EMULATED:
+            if spec.device.type != "cpu":
+                return (f"RNNFAST_CUDA_EMULATE is set, so the kernels run emulated on CPU tensors only (got "
+                        f"{spec.device}); unset it before importing rnnfast to run them on the GPU")
+        elif spec.device.type != "cuda":
+            return (f"the CUDA kernels need CUDA tensors, got {spec.device} (set RNNFAST_CUDA_EMULATE=1 before "
+                    "importing rnnfast to run them on the CPU, slowly, for testing)")
+        else:
+            reason = _gpu_problem(spec.device.index)
+            if reason is not None:
+                return reason
         _, reason = plan(spec.cell, spec.hidden_size, spec.dtype, spec.device)
         if reason is not None:
             return reason
@@ -240,45 +287,66 @@ class CudaBackend(KernelBackend):
     def forward(self, inputs):
         a = inputs
         cell, x = a.cell, a.x
-        _require_cuda(x)
+        _require_device(x)
         if a.w_hr is not None:
             raise BackendUnavailableError("rnnfast backend 'cuda' does not run LSTM with proj_size")
-        load_library()
+        lib = load_library()
         T, B, I = x.shape
         H = a.w_hh.shape[1]
-        ct = compute_dtype(x.dtype)
-        x, h0, w_ih, w_hh = x.contiguous(), a.h0.contiguous(), a.w_ih.contiguous(), a.w_hh.contiguous()
-        c0 = a.c0.contiguous() if cell == "lstm" else None
+        dt, ct = x.dtype, compute_dtype(x.dtype)
+        x, w_ih, w_hh = x.contiguous(), a.w_ih.contiguous(), a.w_hh.contiguous()
         bias, b_hn = fold_biases(cell, a.b_ih, a.b_hh, H, ct)
         gx = None
         if self.mode != "fused":
-            gx = hoisted_input(x, w_ih, bias, ct)
+            gx = hoisted_input(x, w_ih, bias, ct).contiguous()
             bias = None
         block_h = _block_h(cell, H, x)
-        op = _op(f"{cell}_forward")
-        y, h_n, c_n, ws = op(x, h0, c0, w_ih, w_hh, gx, bias, b_hn, _lengths(a.lengths, x), bool(a.reverse),
-                             block_h, use_tensor_cores(cell, B, H, x.dtype, x.device, block_h))
-        return LayerOutputs(y, h_n, (c_n if cell == "lstm" else None), ws)
+        y = torch.empty(T, B, H, dtype=dt, device=x.device)
+        h_n = torch.empty(B, H, dtype=dt, device=x.device)
+        c_n = torch.empty(B, H, dtype=dt, device=x.device) if cell == "lstm" else None
+        ws = torch.empty(workspace_numel(cell, T, B, H), dtype=ct, device=x.device)
+        gates, hs, cs = split_workspace(cell, ws, T, B, H)
+        t0 = T - 1 if a.reverse else 0
+        hs[t0].copy_(a.h0)
+        if cs is not None:
+            cs[t0].copy_(a.c0)
+        lengths = _lengths(a.lengths, x)
+        p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
+                          lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
+                          hs=_ptr(hs), cs=_ptr(cs), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
+                          tensor_cores=int(use_tensor_cores(cell, B, H, dt, x.device, block_h)))
+        fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
+        with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
+            _check(fn(ctypes.byref(p), _stream(x.device)), f"{cell} forward")
+        return LayerOutputs(y, h_n, c_n, ws)
 
     def backward(self, inputs, outputs, grads):
         a = inputs
         cell, x = a.cell, a.x
-        _require_cuda(x)
-        load_library()
+        _require_device(x)
+        lib = load_library()
         T, B = x.shape[0], x.shape[1]
         H = a.w_hh.shape[1]
-        dt = x.dtype
+        dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
         w_hh = a.w_hh.contiguous()
-        op = _op(f"{cell}_backward_recurrent")
-        d_in, d_hid, dh0, dc0 = op(grads.y.to(dt).contiguous(), grads.h_n.to(dt).contiguous(),
-                                   grads.c_n.to(dt).contiguous() if cell == "lstm" else None, w_hh,
-                                   outputs.workspace, _lengths(a.lengths, x), bool(a.reverse), _block_h(cell, H, x))
-        if cell != "gru":
-            d_hid = d_in  # the input and hidden parts of the pre-activation are the same sum
-        _, hs, _ = split_workspace(cell, outputs.workspace, T, B, H)
+        gates, hs, cs = split_workspace(cell, outputs.workspace, T, B, H)
+        d_in = torch.empty(T, B, GATES[cell] * H, dtype=ct, device=dev)
+        d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
+        dh = grads.h_n.to(ct).contiguous().clone()
+        dc = grads.c_n.to(ct).contiguous().clone() if cell == "lstm" else None
+        direct = torch.empty(B, H, dtype=ct, device=dev)
+        grad_y = grads.y.to(dt).contiguous()
+        lengths = _lengths(a.lengths, x)
+        p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
+                           hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
+                           direct=_ptr(direct), T=T, B=B, H=H, block_h=_block_h(cell, H, x),
+                           reverse=int(bool(a.reverse)))
+        fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
+        with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():
+            _check(fn(ctypes.byref(p), _stream(dev)), f"{cell} backward")
+        # dh is dh0 now: the kernel's last phase B passes the first step's gate gradients through W_hh too.
         dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, a.w_ih, hs, a.b_ih is not None)
-        return LayerGrads(dx, dh0.to(dt), (dc0.to(dt) if cell == "lstm" else None), dw_ih, dw_hh, db_ih, db_hh,
-                          None)
+        return LayerGrads(dx, dh.to(dt), (dc.to(dt) if dc is not None else None), dw_ih, dw_hh, db_ih, db_hh, None)
 
 
 register(CudaBackend())

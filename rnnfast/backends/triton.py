@@ -212,6 +212,9 @@ class TritonBackend(KernelBackend):
     """Whole-sequence Triton kernels; see :mod:`rnnfast.kernels.layer` for the work split and schedules."""
 
     name = "triton"
+    cpu_mode = INTERPRETED
+    cpu_mode_name = "the Triton interpreter (TRITON_INTERPRET)"
+
     def unavailable(self, spec):
         reason = kernel_layer_problem(spec, SUPPORTED_DTYPES, "program")
         if reason is not None:
@@ -229,12 +232,6 @@ class TritonBackend(KernelBackend):
         if torch.cuda.get_device_capability(spec.device) < (8, 0):
             return "the kernels need a GPU of compute capability 8.0 (Ampere) or newer"
         return None
-
-    def auto_unavailable(self, spec):
-        reason = self.unavailable(spec)
-        if reason is None and INTERPRETED:
-            return "it runs under the Triton interpreter (TRITON_INTERPRET), which is for testing, not speed"
-        return reason
 
     def forward(self, inputs):
         a = inputs

@@ -1,0 +1,117 @@
+/* The C ABI of the rnnfast CUDA library: plain C, no torch, no CUDA types, so that one build loads under any torch
+ * (rnnfast/backends/cuda.py calls it with ctypes) and the same entry points exist in the CPU emulation library.
+ *
+ * One entry point per cell, direction (forward, backward recurrence) and dtype:
+ *
+ *   int rnnfast_<cell>_forward_<dtype>(const rnnfast_forward_params*, void* stream)
+ *   int rnnfast_<cell>_backward_<dtype>(const rnnfast_backward_params*, void* stream)
+ *
+ * cell: rnn_tanh, rnn_relu, gru, lstm; dtype: f32, f64, f16, bf16. The caller allocates every buffer (the Python
+ * side, with torch, on torch's current stream, passed as a cudaStream_t; ignored by the emulation, which runs
+ * synchronously on host memory). A non-zero return is one of the codes below; rnnfast_last_error() then says why
+ * (per calling thread). Layouts: row-major, contiguous; "acc" buffers are float (double for f64).
+ */
+#ifndef RNNFAST_CAPI_H_
+#define RNNFAST_CAPI_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RNNFAST_ABI_VERSION 1
+
+/* The library is built with hidden visibility: only these entry points are exported. */
+#if defined(__GNUC__)
+#define RNNFAST_API __attribute__((visibility("default")))
+#else
+#define RNNFAST_API
+#endif
+
+enum rnnfast_status {
+  RNNFAST_OK = 0,
+  RNNFAST_INVALID = 1,  /* a bad argument (shape, pointer, flag) */
+  RNNFAST_REFUSED = 2,  /* the launch cannot be co-resident: too much shared memory or too many blocks */
+  RNNFAST_CUDA_ERROR = 3,  /* a CUDA runtime call failed */
+  RNNFAST_EMULATION_ERROR = 4  /* the CPU emulation found a deadlock, a misaligned tile or a shared-memory overrun */
+};
+
+typedef struct {
+  const void* x;        /* (T, B, I) dtype; read only in fused mode (gx null) */
+  const void* gx;       /* (T, B, G*H) acc: x W_ih^T + biases (hoisted mode), or null */
+  const void* w_ih;     /* (G*H, I) dtype */
+  const void* w_hh;     /* (G*H, H) dtype */
+  const void* bias;     /* (G*H) acc: b_ih + b_hh (GRU n: b_in only), fused mode only; or null */
+  const void* b_hn;     /* (H) acc, GRU only; or null */
+  const int64_t* lengths; /* (B) valid steps per sequence, or null for T */
+  void* y;              /* (T, B, H) dtype, out */
+  void* h_n;            /* (B, H) dtype, out */
+  void* c_n;            /* (B, H) dtype, out, LSTM only */
+  void* gates;          /* (T, B, GW*H) acc, out: the workspace's gate planes */
+  void* hs;             /* (T, B, H) acc: state entering each step; the first step's slot holds h0 on entry */
+  void* cs;             /* (T, B, H) acc, LSTM only; likewise c0 */
+  int64_t T, B, I, H;
+  int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
+  int32_t reverse;
+  int32_t tensor_cores; /* WMMA for the recurrent product (f16/bf16 only) */
+} rnnfast_forward_params;
+
+typedef struct {
+  const void* grad_y;   /* (T, B, H) dtype */
+  const void* w_hh;     /* (G*H, H) dtype */
+  const int64_t* lengths;
+  const void* gates;    /* the forward's workspace planes, acc */
+  const void* hs;
+  const void* cs;       /* LSTM only */
+  void* d_in;           /* (T, B, G*H) acc, out: gradient of the input-part pre-activations */
+  void* d_hid;          /* (T, B, G*H) acc, out: of the hidden-part ones; the same buffer as d_in except for GRU */
+  void* dh;             /* (B, H) acc, in: grad_h_n, out: dh0 */
+  void* dc;             /* (B, H) acc, LSTM only, in: grad_c_n, out: dc0 */
+  void* direct;         /* (B, H) acc scratch */
+  int64_t T, B, H;
+  int64_t block_h;
+  int32_t reverse;
+} rnnfast_backward_params;
+
+RNNFAST_API int rnnfast_abi_version(void);
+/* 1 for the CPU emulation library, 0 for the GPU one. */
+RNNFAST_API int rnnfast_emulated(void);
+RNNFAST_API const char* rnnfast_last_error(void);
+/* Dynamic shared memory of one forward block (the W_hh slice; with tensor_cores also h and the product). */
+RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h, int tensor_cores);
+RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t H, int64_t block_h);
+/* Waits on the grid barrier `iters` times with `blocks` blocks; writes iters to *passed (device memory). */
+RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, void* stream);
+
+/* cell ids and dtype ids of the two size queries */
+#define RNNFAST_CELL_RNN_TANH 0
+#define RNNFAST_CELL_RNN_RELU 1
+#define RNNFAST_CELL_GRU 2
+#define RNNFAST_CELL_LSTM 3
+#define RNNFAST_DTYPE_F32 0
+#define RNNFAST_DTYPE_F64 1
+#define RNNFAST_DTYPE_F16 2
+#define RNNFAST_DTYPE_BF16 3
+
+#define RNNFAST_DECLARE_CELL(cell)                                                                           \
+  RNNFAST_API int rnnfast_##cell##_forward_f32(const rnnfast_forward_params*, void*);                                    \
+  RNNFAST_API int rnnfast_##cell##_forward_f64(const rnnfast_forward_params*, void*);                                    \
+  RNNFAST_API int rnnfast_##cell##_forward_f16(const rnnfast_forward_params*, void*);                                    \
+  RNNFAST_API int rnnfast_##cell##_forward_bf16(const rnnfast_forward_params*, void*);                                   \
+  RNNFAST_API int rnnfast_##cell##_backward_f32(const rnnfast_backward_params*, void*);                                  \
+  RNNFAST_API int rnnfast_##cell##_backward_f64(const rnnfast_backward_params*, void*);                                  \
+  RNNFAST_API int rnnfast_##cell##_backward_f16(const rnnfast_backward_params*, void*);                                  \
+  RNNFAST_API int rnnfast_##cell##_backward_bf16(const rnnfast_backward_params*, void*);
+
+RNNFAST_DECLARE_CELL(rnn_tanh)
+RNNFAST_DECLARE_CELL(rnn_relu)
+RNNFAST_DECLARE_CELL(gru)
+RNNFAST_DECLARE_CELL(lstm)
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RNNFAST_CAPI_H_ */

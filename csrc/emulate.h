@@ -1,0 +1,337 @@
+// The CPU emulation of the CUDA primitives: what csrc/primitives.cuh includes under RNNFAST_EMULATE, so that the
+// kernels compile with the host compiler (g++ -std=c++17 -x c++ -DRNNFAST_EMULATE) and run on the CPU.
+//
+// Execution model: rf::launch runs the kernel body once per thread of a 1-D grid, each thread a fiber with its own
+// 64 KiB stack, all fibers on the calling OS thread under one cooperative scheduler (emulate.cpp). A fiber runs
+// until it reaches a barrier (sync_block, sync_grid) or a warp collective (shfl_xor, the WMMA *_sync calls), or
+// finishes; a barrier releases when every thread of its scope (block, grid, warp) has arrived. Every thread of the
+// grid is alive at once, as a cooperative launch requires: 132 x 256 = 33,792 fibers is the usual grid.
+// threadIdx, blockIdx, blockDim and gridDim are plain globals that the scheduler sets whenever it resumes a fiber.
+//
+// What the emulation checks, each a failed launch with the block and thread named (never a hang or an abort):
+// deadlock (a thread that skips a barrier or exits while its block, warp or grid waits), lanes of one warp in
+// different collectives or passing different WMMA arguments, WMMA pointers not 32-byte aligned and leading
+// dimensions not a multiple of 16 bytes, writes outside a block's dynamic shared memory (which starts as 0xFF
+// bytes, a NaN in fp32/fp16/bf16, at every launch), a stack overflow, a segmentation fault or an integer division
+// by zero in a kernel, and exceptions thrown by it.
+//
+// What it does not model: memory races and the memory model (a fiber runs alone until it blocks, so a missing
+// barrier shows only where the schedule exposes it), preemption (a loop that waits for another thread without a
+// barrier or collective inside never ends), reads outside shared memory, __shared__ variables (use
+// rf::dynamic_smem), 2-D and 3-D grids, and tensor-core rounding (mma_sync sums in fp32, k in order).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+// ------------------------------------------------------------------------------------- CUDA source on the host ---
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+#define RF_DEVICE inline
+#define RF_HOST_DEVICE inline
+
+// Hidden, as is everything this header declares: every shared library that links emulate.cpp has its own
+// scheduler and its own threadIdx, and a second emulation library in the process cannot interpose on them.
+#define RF_EMU_API __attribute__((visibility("hidden")))
+#pragma GCC visibility push(hidden)
+
+struct rf_dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+// Set by the scheduler for the fiber it resumes (only .x: the grid and blocks are 1-D); not thread_local, since every
+// fiber runs on the launching thread.
+extern RF_EMU_API rf_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace rf {
+
+// ------------------------------------------------------------------------------------------ 16-bit types ---
+namespace detail {
+
+// Round v to the nearest value of the binary format with kExp exponent and kMan mantissa bits, ties to even:
+// IEEE binary16 (5, 10) or bfloat16 (8, 7). One rounding from double, so a float (exact in double) and a double
+// both round once, as CUDA's __float2half_rn / __double2half do. Overflow gives inf; NaN gives 0x7FFF, CUDA's
+// canonical NaN.
+template <int kExp, int kMan>
+inline uint16_t round_to_bits(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t sign = static_cast<uint16_t>((u >> 48) & 0x8000u);
+  const uint64_t a = u & 0x7FFFFFFFFFFFFFFFull;
+  const uint64_t inf = ((uint64_t{1} << kExp) - 1) << kMan;
+  if (a > 0x7FF0000000000000ull) return 0x7FFF;
+  if (a == 0x7FF0000000000000ull) return static_cast<uint16_t>(sign | inf);
+  const int e_raw = static_cast<int>(a >> 52);
+  if (e_raw == 0) return sign;  // a double subnormal is far below half of the smallest subnormal of either format
+  const int bias = (1 << (kExp - 1)) - 1;
+  const int e = e_raw - 1023;
+  const uint64_t mant = (a & ((uint64_t{1} << 52) - 1)) | (uint64_t{1} << 52);  // 53 bits: v = mant * 2^(e-52)
+  const int e_q = e > 1 - bias ? e : 1 - bias;  // the exponent whose quantum applies (subnormals: the smallest)
+  const int shift = 52 - kMan + (e_q - e);      // bits of mant below the quantum
+  if (shift > 53) return sign;                  // below half the smallest subnormal
+  uint64_t q = mant >> shift;
+  const uint64_t rem = mant & ((uint64_t{1} << shift) - 1), half = uint64_t{1} << (shift - 1);
+  if (rem > half || (rem == half && (q & 1))) ++q;
+  // q in [2^kMan, 2^(kMan+1)] for normals (a carry moves to the next exponent), q <= 2^kMan for subnormals.
+  const uint64_t bits = (static_cast<uint64_t>(e_q + bias - 1) << kMan) + q;
+  return static_cast<uint16_t>(sign | (bits >= inf ? inf : bits));
+}
+
+// An integer as a double rounded to odd past 53 bits, so that the one rounding to 16 bits afterwards is exact RNE.
+template <typename I>
+inline double int_to_double_odd(I v) {
+  if constexpr (sizeof(I) <= 4) {
+    return static_cast<double>(v);
+  } else {
+    const bool neg = std::is_signed_v<I> && v < 0;
+    uint64_t m = neg ? uint64_t{0} - static_cast<uint64_t>(v) : static_cast<uint64_t>(v);
+    if (m >> 53) {
+      const int drop = 11 - __builtin_clzll(m);  // bits beyond 53 significant ones
+      const uint64_t sticky = (m & ((uint64_t{1} << drop) - 1)) != 0;
+      m = ((m >> drop) | sticky) << drop;  // exact in double now
+    }
+    const double d = static_cast<double>(m);
+    return neg ? -d : d;
+  }
+}
+
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  uint32_t u;
+  if (e == 0x1F) {
+    u = m != 0 ? 0x7FFFFFFFu : sign | 0x7F800000u;  // NaN: CUDA's canonical NaN, the sign dropped
+  } else if (e == 0) {
+    const float f = static_cast<float>(m) * 0x1p-24f;  // zero or subnormal, exact
+    return sign ? -f : f;
+  } else {
+    u = sign | ((e + 112u) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+}  // namespace detail
+
+// IEEE binary16, as CUDA's __half with conversions enabled: built from float, double or any integer (round to
+// nearest even), read as float; arithmetic goes through float.
+struct half_t {
+  uint16_t bits;
+  half_t() = default;
+  half_t(float v) : bits(detail::round_to_bits<5, 10>(v)) {}
+  half_t(double v) : bits(detail::round_to_bits<5, 10>(v)) {}
+  template <typename I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  half_t(I v) : bits(detail::round_to_bits<5, 10>(detail::int_to_double_odd(v))) {}
+  operator float() const { return detail::half_bits_to_float(bits); }
+};
+
+// bfloat16 (the top half of a float), as CUDA's __nv_bfloat16 with conversions enabled.
+struct bf16_t {
+  uint16_t bits;
+  bf16_t() = default;
+  bf16_t(float v) : bits(detail::round_to_bits<8, 7>(v)) {}
+  bf16_t(double v) : bits(detail::round_to_bits<8, 7>(v)) {}
+  template <typename I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  bf16_t(I v) : bits(detail::round_to_bits<8, 7>(detail::int_to_double_odd(v))) {}
+  operator float() const { return detail::bf16_bits_to_float(bits); }
+};
+
+// Trivial, so that arrays of them in shared memory or WMMA fragments cost nothing to declare, as on the GPU.
+static_assert(sizeof(half_t) == 2 && std::is_trivially_copyable_v<half_t> &&
+              std::is_trivially_default_constructible_v<half_t>);
+static_assert(sizeof(bf16_t) == 2 && std::is_trivially_copyable_v<bf16_t> &&
+              std::is_trivially_default_constructible_v<bf16_t>);
+
+inline float exp_(float v) { return std::exp(v); }
+inline double exp_(double v) { return std::exp(v); }
+inline float tanh_(float v) { return std::tanh(v); }
+inline double tanh_(double v) { return std::tanh(v); }
+
+// --------------------------------------------------------------------------------- the scheduler (emulate.cpp) ---
+namespace detail {
+
+// The warp collectives: every lane of a warp must be in the same one at once.
+enum class Collective : int { shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync };
+
+// Block barrier and grid barrier; both switch fibers until the whole block (grid) has arrived.
+RF_EMU_API void arrive_block();
+RF_EMU_API void arrive_grid();
+// Every lane of the warp deposits `value` (and, for the WMMA calls, its pointer and leading dimension in `args`,
+// which must agree across the warp), waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
+// where that lane is out of range, as PTX shfl.bfly does).
+RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask);
+// Fails the launch with `message`, naming the current block and thread; never returns to the kernel.
+[[noreturn]] RF_EMU_API void fail(const std::string& message);
+// The current block's dynamic shared memory; null outside a launch.
+extern RF_EMU_API unsigned char* current_smem;
+
+RF_EMU_API bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, void (*body)(void*), void* context,
+                       std::string* error);
+
+}  // namespace detail
+
+inline void sync_block() { detail::arrive_block(); }
+inline void sync_grid() { detail::arrive_grid(); }
+
+// __shfl_xor_sync(0xffffffff, v, lane_mask) for any trivially copyable type of up to 8 bytes.
+template <typename T>
+inline T shfl_xor(T v, int lane_mask) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shfl_xor moves up to 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = detail::warp_collective(detail::Collective::shfl_xor, bits, 0, lane_mask);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+template <typename T>
+inline T ldcg(const T* p) { return *p; }
+
+inline unsigned char* dynamic_smem() { return detail::current_smem; }
+
+// Runs body() once per thread of a blocks x threads grid with smem_bytes of dynamic shared memory per block.
+// Returns false with the reason in *error (when error is not null) if the launch is refused or a check fails.
+// One launch at a time per process; a launch from inside a kernel is refused.
+template <typename F>
+inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, F&& body, std::string* error) {
+  auto call = [&body] { body(); };
+  using Call = decltype(call);
+  return detail::launch(blocks, threads, smem_bytes, [](void* c) { (*static_cast<Call*>(c))(); }, &call, error);
+}
+
+// ------------------------------------------------------------------------------------------------ WMMA ---
+// nvcuda::wmma for 16x16x16 tiles of half_t/bf16_t with float accumulators. Every lane holds the whole tile (the
+// GPU spreads it over the warp in an unspecified way, so portable code never depends on which lane holds what):
+// each lane loads, multiplies and stores all 256 elements, and the stores write identical values.
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has 16x16x16 tiles only");
+  static constexpr bool kOperand = std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>;
+  static_assert(!kOperand || std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>,
+                "matrix_a/matrix_b fragments hold half_t or bf16_t");
+  static_assert(!kOperand || std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
+                "matrix_a/matrix_b fragments take row_major or col_major");
+  static_assert(!std::is_same_v<Use, accumulator> || (std::is_same_v<T, float> && std::is_void_v<Layout>),
+                "accumulator fragments are float, without a layout");
+  static_assert(kOperand || std::is_same_v<Use, accumulator>, "Use is matrix_a, matrix_b or accumulator");
+  using element_type = T;
+  static constexpr int num_elements = 256;
+  // The tile as the operand's own matrix, row by row: a is M x K, b is K x N, the accumulator M x N.
+  T x[num_elements];
+};
+
+namespace detail {
+
+// The CUDA programming guide: "mptr must be a 256-bit aligned pointer" and "ldm ... must be a multiple of 8 for
+// __half element type or multiple of 4 for float element type", i.e. of 16 bytes.
+template <typename T>
+inline void check_tile(const char* what, const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+    char at[32];
+    std::snprintf(at, sizeof(at), "%p", static_cast<const void*>(p));
+    rf::detail::fail(std::string(what) + ": the pointer " + at + " is not 32-byte (256-bit) aligned, as WMMA " +
+                     "requires (" + std::to_string(reinterpret_cast<uintptr_t>(p) % 32) + " bytes past a boundary)");
+  }
+  if (ldm * sizeof(T) % 16 != 0)
+    rf::detail::fail(std::string(what) + ": ldm " + std::to_string(ldm) + " is not a multiple of " +
+                     std::to_string(16 / sizeof(T)) + " (" + std::to_string(sizeof(T)) +
+                     "-byte elements: every row or column must start on 16 bytes), as WMMA requires");
+}
+
+inline uint64_t tile_args(unsigned ldm, int layout) {
+  return static_cast<uint64_t>(ldm) | (static_cast<uint64_t>(layout) << 32);
+}
+
+inline void collective(rf::detail::Collective what, const void* p, uint64_t args) {
+  rf::detail::warp_collective(what, reinterpret_cast<uintptr_t>(p), args, 0);
+}
+
+// Element (r, c) of a 16-row matrix stored row- or column-major with leading dimension ldm.
+inline size_t at(int r, int c, unsigned ldm, bool col) {
+  return col ? static_cast<size_t>(c) * ldm + r : static_cast<size_t>(r) * ldm + c;
+}
+
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
+                          const typename fragment<Use, M, N, K, T, Layout>::element_type& v) {
+  for (auto& e : f.x) e = v;
+}
+
+// matrix_a (M x K) or matrix_b (K x N): row_major puts element (r, c) at p[r*ldm + c], col_major at p[c*ldm + r].
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
+  constexpr bool col = std::is_same_v<Layout, col_major>;
+  detail::check_tile("load_matrix_sync", p, ldm);
+  detail::collective(rf::detail::Collective::load_matrix_sync, p, detail::tile_args(ldm, col));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[detail::at(r, c, ldm, col)];
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  const bool col = layout == mem_col_major;
+  detail::check_tile("load_matrix_sync", p, ldm);
+  detail::collective(rf::detail::Collective::load_matrix_sync, p, detail::tile_args(ldm, col));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[detail::at(r, c, ldm, col)];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  const bool col = layout == mem_col_major;
+  detail::check_tile("store_matrix_sync", p, ldm);
+  detail::collective(rf::detail::Collective::store_matrix_sync, p, detail::tile_args(ldm, col));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[detail::at(r, c, ldm, col)] = f.x[r * 16 + c];
+}
+
+// d = a b + c, the products exact in float, summed in float in k order after c. d may be c.
+template <typename T, typename La, typename Lb>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, La>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  rf::detail::warp_collective(rf::detail::Collective::mma_sync, 0, 0, 0);
+  float out[256];
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      float s = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) s += static_cast<float>(a.x[m * 16 + k]) * static_cast<float>(b.x[k * 16 + n]);
+      out[m * 16 + n] = s;
+    }
+  }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace rf
+
+#pragma GCC visibility pop

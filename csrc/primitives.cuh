@@ -1,0 +1,161 @@
+// Every GPU primitive the kernels use, with its GPU implementation and its CPU emulation side by side, so that the
+// same kernel source compiles with nvcc for the GPU and with the host compiler (RNNFAST_EMULATE) for the CPU
+// execution mode. A new primitive is added here, in both halves, and tested on its own (tests/test_cuda_emulation.py).
+//
+//   rf::half_t, rf::bf16_t        16-bit storage types, convertible to and from float (round to nearest even)
+//   rf::acc_t<T>                  the accumulation type: double for double, float otherwise
+//   rf::exp_, rf::tanh_           float and double
+//   rf::sync_block()              __syncthreads()
+//   rf::sync_grid()               the cooperative grid barrier (every thread of every block)
+//   rf::shfl_xor(v, mask)         __shfl_xor_sync(0xffffffff, v, mask): all 32 lanes of the warp take part
+//   rf::ldcg(p)                   __ldcg(p): a load through L2, never a stale L1 line
+//   rf::dynamic_smem()            the block's dynamic shared memory (extern __shared__), 128-byte aligned
+//   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
+//                                 store_matrix_sync for 16x16x16 half/bf16 tiles with float accumulators
+//   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below)
+//
+// Under RNNFAST_EMULATE the CUDA qualifiers are defined away, threadIdx/blockIdx/blockDim/gridDim are variables the
+// fiber scheduler (emulate.cpp) sets for the thread it resumes, every thread of the grid is a fiber, and the
+// barriers and shuffles switch fibers. Dynamic shared memory is poisoned (NaN bytes) at every launch and guarded
+// against overruns; WMMA pointers and leading dimensions are checked for the alignment the hardware requires.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "capi.h"
+
+#ifndef RNNFAST_EMULATE
+// ----------------------------------------------------------------------------------------------- the GPU -------
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#define RF_DEVICE __device__ __forceinline__
+#define RF_HOST_DEVICE __host__ __device__ __forceinline__
+
+namespace rf {
+
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+
+RF_DEVICE float exp_(float v) { return expf(v); }
+RF_DEVICE double exp_(double v) { return exp(v); }
+RF_DEVICE float tanh_(float v) { return tanhf(v); }
+RF_DEVICE double tanh_(double v) { return tanh(v); }
+
+RF_DEVICE void sync_block() { __syncthreads(); }
+RF_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
+template <typename T>
+RF_DEVICE T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+template <typename T>
+RF_DEVICE T ldcg(const T* p) { return __ldcg(p); }
+RF_DEVICE unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char rf_smem[];
+  return rf_smem;
+}
+
+namespace wmma = nvcuda::wmma;
+
+#define RF_CUDA_TRY(call)                                                                         \
+  do {                                                                                            \
+    const cudaError_t rf_status_ = (call);                                                        \
+    if (rf_status_ != cudaSuccess) {                                                              \
+      *error = std::string(#call " failed: ") + cudaGetErrorString(rf_status_);                   \
+      return RNNFAST_CUDA_ERROR;                                                                  \
+    }                                                                                             \
+  } while (0)
+
+// A cooperative launch of `blocks` x `threads`, refused with the reason (RNNFAST_REFUSED) when the blocks cannot
+// all be resident at once, which the grid barrier needs: the launch itself would fail, or worse, hang.
+template <typename Args>
+inline int launch_cooperative(void (*kernel)(Args), const Args& p, int64_t blocks, int threads, size_t smem,
+                              void* stream, const char* what, std::string* error) {
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  int dev = 0, coop = 0, optin = 0, sms = 0;
+  RF_CUDA_TRY(cudaGetDevice(&dev));
+  RF_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
+  RF_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  RF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (!coop) {
+    *error = std::string(what) + ": this GPU does not support cooperative launches";
+    return RNNFAST_REFUSED;
+  }
+  if (smem > static_cast<size_t>(optin)) {
+    *error = std::string(what) + ": one block needs " + std::to_string(smem) + " bytes of shared memory but this "
+             "GPU allows " + std::to_string(optin) + " per block (hidden size too large)";
+    return RNNFAST_REFUSED;
+  }
+  // The device maximum, the same for every caller: a per-launch size could race with another host thread's launch.
+  RF_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  int per_sm = 0;
+  RF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem));
+  if (static_cast<int64_t>(per_sm) * sms < blocks) {
+    *error = std::string(what) + ": " + std::to_string(blocks) + " blocks must be resident at once for the grid "
+             "barrier, but this GPU holds " + std::to_string(per_sm) + " x " + std::to_string(sms);
+    return RNNFAST_REFUSED;
+  }
+  void* args[] = {const_cast<Args*>(&p)};
+  RF_CUDA_TRY(cudaLaunchCooperativeKernel(fn, dim3(static_cast<unsigned>(blocks)), dim3(threads), args, smem,
+                                          static_cast<cudaStream_t>(stream)));
+  RF_CUDA_TRY(cudaGetLastError());
+  return RNNFAST_OK;
+}
+
+constexpr int kEmulated = 0;
+
+}  // namespace rf
+
+#else
+// ------------------------------------------------------------------------------------------ the CPU emulation ---
+#include "emulate.h"
+
+namespace rf {
+
+// The device the emulation stands for: an H100/H200 (132 multiprocessors, 227 KiB of shared memory per block),
+// one block of the layer kernels per multiprocessor. rnnfast/backends/cuda.py plans with the same numbers.
+constexpr int64_t kEmulatedSMs = 132;
+constexpr size_t kEmulatedSmemOptin = 232448;
+constexpr int kEmulated = 1;
+
+template <typename Args>
+inline int launch_cooperative(void (*kernel)(Args), const Args& p, int64_t blocks, int threads, size_t smem,
+                              void* /*stream*/, const char* what, std::string* error) {
+  if (smem > kEmulatedSmemOptin) {
+    *error = std::string(what) + ": one block needs " + std::to_string(smem) + " bytes of shared memory but the "
+             "emulated GPU allows " + std::to_string(kEmulatedSmemOptin) + " per block (hidden size too large)";
+    return RNNFAST_REFUSED;
+  }
+  if (blocks > kEmulatedSMs) {
+    *error = std::string(what) + ": " + std::to_string(blocks) + " blocks must be resident at once for the grid "
+             "barrier, but the emulated GPU holds 1 x " + std::to_string(kEmulatedSMs);
+    return RNNFAST_REFUSED;
+  }
+  const bool ok = launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads), smem, [&] { kernel(p); },
+                         error);
+  if (!ok) *error = std::string(what) + ": " + *error;
+  return ok ? RNNFAST_OK : RNNFAST_EMULATION_ERROR;
+}
+
+}  // namespace rf
+#endif
+
+namespace rf {
+
+template <typename T>
+struct acc { using type = float; };
+template <>
+struct acc<double> { using type = double; };
+template <typename T>
+using acc_t = typename acc<T>::type;
+
+RF_HOST_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+template <typename T>
+RF_HOST_DEVICE float to_float(T v) { return static_cast<float>(v); }
+RF_DEVICE void from_float(float v, half_t* out) { *out = half_t(v); }
+RF_DEVICE void from_float(float v, bf16_t* out) { *out = bf16_t(v); }
+
+}  // namespace rf

@@ -1,0 +1,460 @@
+// Test kernels for the CPU emulation of csrc/primitives.cuh (tests/test_cuda_emulation.py). Built with the host
+// compiler and -DRNNFAST_EMULATE into a shared library with csrc/emulate.cpp; each entry point has the one shape
+//
+//   int emu_<name>(void* const* bufs, const long long* ints, char* err, int err_len)
+//
+// (buffers and integer arguments in the order the test passes them) and returns 0 when its launches succeeded,
+// 1 when a launch failed (the reason in err), 2 on a bad argument, 3 when a launch after a failed one went wrong.
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "primitives.cuh"
+
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+int report(bool ok, const std::string& error, char* err, int err_len) {
+  if (!ok && err != nullptr && err_len > 0) {
+    std::strncpy(err, error.c_str(), static_cast<size_t>(err_len) - 1);
+    err[err_len - 1] = '\0';
+  }
+  return ok ? 0 : 1;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// ---------------------------------------------------------------------------------------- sync_block ---
+// Thread t writes s[t], then reads its neighbour's s[(t+1) % n]: only a barrier in between makes every read see
+// the neighbour's write (without one, a thread reads the 0xFF poison of a neighbour that has not run yet).
+struct RotateArgs {
+  int* out;
+  bool skip_sync;
+};
+
+__global__ void rotate_kernel(RotateArgs a) {
+  int* s = reinterpret_cast<int*>(rf::dynamic_smem());
+  const unsigned n = blockDim.x, t = threadIdx.x;
+  s[t] = static_cast<int>(blockIdx.x * 1000 + t);
+  if (!a.skip_sync) rf::sync_block();
+  a.out[blockIdx.x * n + t] = s[(t + 1) % n];
+}
+
+// A tree sum over the block, a barrier between levels: out[block] = sum of in over the block's threads.
+struct TreeArgs {
+  const int* in;
+  int* out;
+  bool skip_sync;
+};
+
+__global__ void tree_sum_kernel(TreeArgs a) {
+  int* s = reinterpret_cast<int*>(rf::dynamic_smem());
+  const unsigned t = threadIdx.x;
+  s[t] = a.in[blockIdx.x * blockDim.x + t];
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (!a.skip_sync) rf::sync_block();
+    if (t < stride) s[t] += s[t + stride];
+  }
+  if (t == 0) a.out[blockIdx.x] = s[0];
+}
+
+bool rotate(unsigned blocks, unsigned threads, int* out, bool skip, std::string* error) {
+  const RotateArgs a{out, skip};
+  return rf::launch(blocks, threads, threads * sizeof(int), [&] { rotate_kernel(a); }, error);
+}
+
+// ------------------------------------------------------------------------------------------ sync_grid ---
+// Rounds of: write my value, grid barrier, read the value of a thread in another block. buf holds 2 x N.
+struct GridArgs {
+  uint32_t* buf;
+  uint32_t* out;
+  int rounds;
+};
+
+__global__ void grid_exchange_kernel(GridArgs a) {
+  const uint32_t n = gridDim.x * blockDim.x, gid = blockIdx.x * blockDim.x + threadIdx.x;
+  uint32_t v = gid;
+  for (int r = 0; r < a.rounds; ++r) {
+    uint32_t* slot = a.buf + static_cast<size_t>(r & 1) * n;
+    slot[gid] = v;
+    rf::sync_grid();  // every write of this round before any read; the other slot's readers are done too
+    v = v * 3u + slot[(gid + 257u * static_cast<uint32_t>(r + 1)) % n];
+  }
+  a.out[gid] = v;
+}
+
+// ------------------------------------------------------------------------------------------- shfl_xor ---
+struct ShflArgs {
+  const float* in_f;
+  float* out_f;
+  const double* in_d;
+  double* out_d;
+  int* perm_i;          // [thread][mask]: shfl_xor(gid, mask)
+  uint32_t* perm_u;     // [thread][mask]: shfl_xor(~gid, mask)
+  int64_t* perm_ll;     // [thread][mask]: shfl_xor(gid * 2^33 + 7, mask)
+  uint16_t* perm_h;     // [thread][mask]: shfl_xor(half_t(gid % 2048), mask).bits
+};
+
+template <typename T>
+RF_DEVICE T butterfly_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += rf::shfl_xor(v, o);
+  return v;
+}
+
+__global__ void shfl_kernel(ShflArgs a) {
+  const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
+  a.out_f[gid] = butterfly_sum(a.in_f[gid]);
+  a.out_d[gid] = butterfly_sum(a.in_d[gid]);
+  for (int mask = 0; mask < 32; ++mask) {
+    a.perm_i[gid * 32 + mask] = rf::shfl_xor(static_cast<int>(gid), mask);
+    a.perm_u[gid * 32 + mask] = rf::shfl_xor(~gid, mask);
+    a.perm_ll[gid * 32 + mask] = rf::shfl_xor(static_cast<int64_t>(gid) * (int64_t{1} << 33) + 7, mask);
+    a.perm_h[gid * 32 + mask] = rf::shfl_xor(rf::half_t(static_cast<int>(gid % 2048)), mask).bits;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ WMMA ---
+struct WmmaArgs {
+  const void* a;
+  const void* b;
+  const float* c;
+  float* d;
+  int m, n, k, lda, ldb, ldc, ldd;
+  bool c_col, d_col;
+  int a_offset;  // elements added to A's base pointer: 8 breaks the 32-byte alignment
+  int mode;      // 0: plain; 1: lane 5 passes another B pointer; 2: lanes 16-31 skip mma_sync (exit)
+};
+
+template <typename T, typename La, typename Lb>
+__global__ void wmma_kernel(WmmaArgs p) {
+  namespace wmma = rf::wmma;
+  constexpr bool a_col = std::is_same_v<La, wmma::col_major>, b_col = std::is_same_v<Lb, wmma::col_major>;
+  const T* A = static_cast<const T*>(p.a) + p.a_offset;
+  const T* B = static_cast<const T*>(p.b);
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int n_tiles = p.n / 16, tiles = (p.m / 16) * n_tiles;
+  for (int tile = static_cast<int>(warp); tile < tiles; tile += static_cast<int>(warps)) {
+    const int mt = tile / n_tiles, nt = tile % n_tiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    const size_t c_at = p.c_col ? static_cast<size_t>(nt) * 16 * p.ldc + mt * 16
+                                : static_cast<size_t>(mt) * 16 * p.ldc + nt * 16;
+    wmma::load_matrix_sync(acc, p.c + c_at, p.ldc, p.c_col ? wmma::mem_col_major : wmma::mem_row_major);
+    for (int kc = 0; kc < p.k; kc += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, La> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Lb> fb;
+      // A is M x K: row-major (m, k) at m*lda + k, column-major at k*lda + m; B is K x N likewise.
+      const T* pa = a_col ? A + static_cast<size_t>(kc) * p.lda + mt * 16
+                          : A + static_cast<size_t>(mt) * 16 * p.lda + kc;
+      const T* pb = b_col ? B + static_cast<size_t>(nt) * 16 * p.ldb + kc
+                          : B + static_cast<size_t>(kc) * p.ldb + nt * 16;
+      if (p.mode == 1 && lane == 5) pb += 16;
+      wmma::load_matrix_sync(fa, pa, p.lda);
+      wmma::load_matrix_sync(fb, pb, p.ldb);
+      if (p.mode == 2 && lane >= 16) return;
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    const size_t d_at = p.d_col ? static_cast<size_t>(nt) * 16 * p.ldd + mt * 16
+                                : static_cast<size_t>(mt) * 16 * p.ldd + nt * 16;
+    wmma::store_matrix_sync(p.d + d_at, acc, p.ldd, p.d_col ? wmma::mem_col_major : wmma::mem_row_major);
+  }
+}
+
+template <typename T>
+bool wmma_launch(bool a_col, bool b_col, unsigned threads, const WmmaArgs& p, std::string* error) {
+  namespace wmma = rf::wmma;
+  auto go = [&](auto kernel) { return rf::launch(1, threads, 0, [&] { kernel(p); }, error); };
+  if (!a_col && !b_col) return go(&wmma_kernel<T, wmma::row_major, wmma::row_major>);
+  if (!a_col && b_col) return go(&wmma_kernel<T, wmma::row_major, wmma::col_major>);
+  if (a_col && !b_col) return go(&wmma_kernel<T, wmma::col_major, wmma::row_major>);
+  return go(&wmma_kernel<T, wmma::col_major, wmma::col_major>);
+}
+
+void* aligned_copy(const void* src, size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  std::memcpy(p, src, bytes);
+  return p;
+}
+
+// --------------------------------------------------------------------------------- dynamic shared memory ---
+struct SmemArgs {
+  unsigned char* out;  // [block][smem_bytes]: what the block found in its shared memory
+  int* misaligned;     // [block]: the shared memory's address modulo 128
+  long long write_at;  // mode 1: the offset the writer thread writes
+  unsigned writer_block, writer_thread;
+  int mode;            // 0: copy out, then scribble zeros; 1: one thread writes one byte at write_at
+  size_t bytes;
+};
+
+__global__ void smem_kernel(SmemArgs a) {
+  unsigned char* s = rf::dynamic_smem();
+  if (a.mode == 0) {
+    if (threadIdx.x == 0) a.misaligned[blockIdx.x] = static_cast<int>(reinterpret_cast<uintptr_t>(s) % 128);
+    for (size_t i = threadIdx.x; i < a.bytes; i += blockDim.x) a.out[blockIdx.x * a.bytes + i] = s[i];
+    rf::sync_block();
+    for (size_t i = threadIdx.x; i < a.bytes; i += blockDim.x) s[i] = 0;  // the next launch must poison again
+  } else if (blockIdx.x == a.writer_block && threadIdx.x == a.writer_thread) {
+    s[a.write_at] = 0;
+  }
+  rf::sync_block();
+}
+
+// ------------------------------------------------------------------------------------------ failures ---
+struct FailArgs {
+  int mode;
+  int* out;
+};
+
+// 80 KiB of locals, more than a fiber's 64 KiB stack; its own function, so that only this case has the frame.
+__attribute__((noinline)) int deep_frame(unsigned t) {
+  volatile unsigned char big[80 << 10];
+  for (size_t i = 0; i < sizeof(big); i += 512) big[i] = 1;
+  rf::sync_block();
+  return big[t];
+}
+
+__global__ void fail_kernel(FailArgs a) {
+  const unsigned t = threadIdx.x, lane = t % 32;
+  switch (a.mode) {
+    case 0:  // thread 0 skips the block barrier and exits
+      if (t != 0) rf::sync_block();
+      break;
+    case 1:  // block 1 skips the grid barrier
+      if (blockIdx.x != 1) rf::sync_grid();
+      break;
+    case 2:  // lane 3 shuffles while the rest of its warp waits at the block barrier
+      if (lane == 3) a.out[t] = rf::shfl_xor(1, 1);
+      rf::sync_block();
+      break;
+    case 3: {  // half the warp shuffles, the other half multiplies tiles
+      if (lane < 16) {
+        a.out[t] = rf::shfl_xor(1, 1);
+      } else {
+        rf::wmma::fragment<rf::wmma::accumulator, 16, 16, 16, float> c;
+        rf::wmma::fragment<rf::wmma::matrix_a, 16, 16, 16, rf::half_t, rf::wmma::row_major> x;
+        rf::wmma::fragment<rf::wmma::matrix_b, 16, 16, 16, rf::half_t, rf::wmma::col_major> y;
+        rf::wmma::fill_fragment(c, 0.f);
+        rf::wmma::fill_fragment(x, rf::half_t(1));
+        rf::wmma::fill_fragment(y, rf::half_t(1));
+        rf::wmma::mma_sync(c, x, y, c);
+      }
+      break;
+    }
+    case 4:  // warps 0-3 wait at the grid barrier, warps 4-7 at the block barrier: neither can complete
+      if (t < 128) rf::sync_grid();
+      else rf::sync_block();
+      break;
+    case 5:  // thread 7 throws
+      if (t == 7) throw std::runtime_error("thrown by the test kernel");
+      rf::sync_block();
+      break;
+    case 6:  // lane 31 of warp 1 exits while its warp shuffles
+      if (t == 63) return;
+      a.out[t] = rf::shfl_xor(static_cast<int>(t), 1);
+      break;
+    case 7:  // shuffles in a block of 48 threads: not whole warps
+      a.out[t] = rf::shfl_xor(static_cast<int>(t), 1);
+      break;
+    case 8:  // a stack overflow
+      a.out[t] = deep_frame(t);
+      break;
+    case 9:  // lane 0 shuffles first, then the rest of its warp reaches the block barrier
+      if (lane == 0) a.out[t] = rf::shfl_xor(1, 1);
+      rf::sync_block();
+      break;
+    case 10: {  // not a failure: warp 0 spins, shuffling, until warp 1 raises a flag (a.out[0]); it must get to
+      volatile int* flag = a.out;
+      if (t >= 32) {
+        if (t == 32) *flag = 1;
+        break;
+      }
+      int spins = 0;
+      for (;;) {  // the lanes may read the flag at different times: OR their reads, so that all leave together
+        int raised = *flag;
+        for (int o = 16; o > 0; o >>= 1) raised |= rf::shfl_xor(raised, o);
+        if (raised) break;
+        ++spins;
+      }
+      if (t == 0) a.out[1] = spins > 0;
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+}  // namespace
+
+// bufs: out (int32, blocks*threads); ints: blocks, threads, skip_sync.
+EMU_EXPORT int emu_sync_block(void* const* bufs, const long long* ints, char* err, int err_len) {
+  std::string e;
+  const bool ok = rotate(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), static_cast<int*>(bufs[0]),
+                         ints[2] != 0, &e);
+  return report(ok, e, err, err_len);
+}
+
+// bufs: in (int32, blocks*threads), out (int32, blocks); ints: blocks, threads (a power of two), skip_sync.
+EMU_EXPORT int emu_tree_sum(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const TreeArgs a{static_cast<const int*>(bufs[0]), static_cast<int*>(bufs[1]), ints[2] != 0};
+  std::string e;
+  const unsigned threads = static_cast<unsigned>(ints[1]);
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), threads, threads * sizeof(int),
+                             [&] { tree_sum_kernel(a); }, &e);
+  return report(ok, e, err, err_len);
+}
+
+// bufs: buf (uint32, 2*N), out (uint32, N), seconds (float64, 1); ints: blocks, threads, rounds.
+EMU_EXPORT int emu_sync_grid(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const GridArgs a{static_cast<uint32_t*>(bufs[0]), static_cast<uint32_t*>(bufs[1]), static_cast<int>(ints[2])};
+  std::string e;
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), 0,
+                             [&] { grid_exchange_kernel(a); }, &e);
+  static_cast<double*>(bufs[2])[0] = seconds_since(t0);
+  return report(ok, e, err, err_len);
+}
+
+// bufs: in_f, out_f, in_d, out_d, perm_i, perm_u, perm_ll, perm_h; ints: blocks, threads.
+EMU_EXPORT int emu_shfl(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const ShflArgs a{static_cast<const float*>(bufs[0]), static_cast<float*>(bufs[1]),
+                   static_cast<const double*>(bufs[2]), static_cast<double*>(bufs[3]),
+                   static_cast<int*>(bufs[4]), static_cast<uint32_t*>(bufs[5]),
+                   static_cast<int64_t*>(bufs[6]), static_cast<uint16_t*>(bufs[7])};
+  std::string e;
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), 0,
+                             [&] { shfl_kernel(a); }, &e);
+  return report(ok, e, err, err_len);
+}
+
+// Host conversions, no launch. bufs: x_f (float32, nf), x_d (float64, nd), x_i (int64, ni), then out uint16:
+// half(x_f), bf16(x_f), half(x_d), bf16(x_d), half(x_i), bf16(x_i), half(int(x_i % 100000)), then out float32
+// (65536 each): float(half bits i), float(bf16 bits i). ints: nf, nd, ni. Returns 2 if a spelled-out form is wrong.
+EMU_EXPORT int emu_convert(void* const* bufs, const long long* ints, char*, int) {
+  const auto* xf = static_cast<const float*>(bufs[0]);
+  const auto* xd = static_cast<const double*>(bufs[1]);
+  const auto* xi = static_cast<const long long*>(bufs[2]);
+  uint16_t* out[7];
+  for (int j = 0; j < 7; ++j) out[j] = static_cast<uint16_t*>(bufs[3 + j]);
+  for (long long i = 0; i < ints[0]; ++i) {
+    out[0][i] = rf::half_t(xf[i]).bits;
+    out[1][i] = rf::bf16_t(xf[i]).bits;
+  }
+  for (long long i = 0; i < ints[1]; ++i) {
+    out[2][i] = rf::half_t(xd[i]).bits;
+    out[3][i] = rf::bf16_t(xd[i]).bits;
+  }
+  for (long long i = 0; i < ints[2]; ++i) {
+    out[4][i] = rf::half_t(xi[i]).bits;
+    out[5][i] = rf::bf16_t(xi[i]).bits;
+    out[6][i] = rf::half_t(static_cast<int>(xi[i] % 100000)).bits;
+  }
+  auto* hf = static_cast<float*>(bufs[10]);
+  auto* bf = static_cast<float*>(bufs[11]);
+  for (unsigned u = 0; u < 65536; ++u) {
+    rf::half_t h;
+    h.bits = static_cast<uint16_t>(u);
+    rf::bf16_t b;
+    b.bits = static_cast<uint16_t>(u);
+    hf[u] = h;  // through operator float, as a kernel assigns one
+    bf[u] = static_cast<float>(b);
+  }
+  // The forms kernels write: half_t(0), half_t(1.5f), from_float.
+  rf::half_t z(0), one_half(1.5f), r;
+  rf::from_float(2.5f, &r);
+  rf::bf16_t bz(0), bo(1.5f), br;
+  rf::from_float(-3.0f, &br);
+  const bool forms = z.bits == 0 && one_half.bits == 0x3E00 && r.bits == 0x4100 && bz.bits == 0 &&
+                     bo.bits == 0x3FC0 && br.bits == 0xC040 && rf::to_float(one_half) == 1.5f;
+  return forms ? 0 : 2;
+}
+
+// bufs: a, b (16-bit, laid out by the test), c, d (float32); ints: dtype (0 half, 1 bf16), m, n, k, lda, ldb, ldc,
+// ldd, a_col, b_col, c_col, d_col, a_elems, b_elems, c_elems, d_elems, a_offset, threads, mode.
+EMU_EXPORT int emu_wmma(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const size_t a_bytes = static_cast<size_t>(ints[12]) * 2, b_bytes = static_cast<size_t>(ints[13]) * 2;
+  const size_t c_bytes = static_cast<size_t>(ints[14]) * 4, d_bytes = static_cast<size_t>(ints[15]) * 4;
+  // 64-byte aligned copies: the test's arrays promise only 16.
+  void* a = aligned_copy(bufs[0], a_bytes);
+  void* b = aligned_copy(bufs[1], b_bytes);
+  void* c = aligned_copy(bufs[2], c_bytes);
+  void* d = aligned_copy(bufs[3], d_bytes);
+  WmmaArgs p{a, b, static_cast<const float*>(c), static_cast<float*>(d),
+             static_cast<int>(ints[1]), static_cast<int>(ints[2]), static_cast<int>(ints[3]),
+             static_cast<int>(ints[4]), static_cast<int>(ints[5]), static_cast<int>(ints[6]),
+             static_cast<int>(ints[7]), ints[10] != 0, ints[11] != 0, static_cast<int>(ints[16]),
+             static_cast<int>(ints[18])};
+  const bool a_col = ints[8] != 0, b_col = ints[9] != 0;
+  const unsigned threads = static_cast<unsigned>(ints[17]);
+  std::string e;
+  const bool ok = ints[0] == 0 ? wmma_launch<rf::half_t>(a_col, b_col, threads, p, &e)
+                               : wmma_launch<rf::bf16_t>(a_col, b_col, threads, p, &e);
+  std::memcpy(bufs[3], d, d_bytes);
+  for (void* q : {a, b, c, d}) std::free(q);
+  return report(ok, e, err, err_len);
+}
+
+// bufs: out (uint8, 2 launches x blocks x bytes), misaligned (int32, blocks); ints: blocks, threads, bytes, mode,
+// write_at, writer_block, writer_thread. Mode 0 launches twice, the second launch's view in the second half of out.
+EMU_EXPORT int emu_smem(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const unsigned blocks = static_cast<unsigned>(ints[0]), threads = static_cast<unsigned>(ints[1]);
+  const size_t bytes = static_cast<size_t>(ints[2]);
+  SmemArgs a{static_cast<unsigned char*>(bufs[0]), static_cast<int*>(bufs[1]), ints[4],
+             static_cast<unsigned>(ints[5]), static_cast<unsigned>(ints[6]), static_cast<int>(ints[3]), bytes};
+  std::string e;
+  bool ok = rf::launch(blocks, threads, bytes, [&] { smem_kernel(a); }, &e);
+  if (ok && a.mode == 0) {
+    a.out += static_cast<size_t>(blocks) * bytes;
+    ok = rf::launch(blocks, threads, bytes, [&] { smem_kernel(a); }, &e);
+  }
+  return report(ok, e, err, err_len);
+}
+
+// bufs: out (int32, threads), seconds (float64, 1); ints: mode, blocks, threads. The failing launch, then a good
+// one (the sync_block kernel) to show the emulation recovered.
+EMU_EXPORT int emu_fail(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const FailArgs a{static_cast<int>(ints[0]), static_cast<int*>(bufs[0])};
+  std::string e;
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool ok = rf::launch(static_cast<unsigned>(ints[1]), static_cast<unsigned>(ints[2]), 0,
+                             [&] { fail_kernel(a); }, &e);
+  static_cast<double*>(bufs[1])[0] = seconds_since(t0);
+  std::string e2;
+  int* out = static_cast<int*>(std::calloc(2 * 64, sizeof(int)));
+  bool again = rotate(2, 64, out, false, &e2);
+  for (unsigned i = 0; again && i < 2 * 64; ++i) again = out[i] == static_cast<int>((i / 64) * 1000 + (i + 1) % 64);
+  std::free(out);
+  if (!again) return report(false, "the launch after the failed one went wrong: " + e2, err, err_len) + 2;
+  return report(ok, e, err, err_len);
+}
+
+// The refusals: an empty grid, too many threads per block, a launch from inside a kernel, and a primitive called
+// outside any launch. ints: which (0..3). Returns 1 with the message, as a failed launch does.
+EMU_EXPORT int emu_refuse(void* const*, const long long* ints, char* err, int err_len) {
+  std::string e;
+  bool ok = true;
+  switch (ints[0]) {
+    case 0: ok = rf::launch(0, 32, 0, [] {}, &e); break;
+    case 1: ok = rf::launch(1, 2048, 0, [] {}, &e); break;
+    case 2: {
+      std::string inner;
+      bool inner_ok = true;
+      ok = rf::launch(1, 32, 0, [&] { if (threadIdx.x == 0) inner_ok = rf::launch(1, 32, 0, [] {}, &inner); }, &e);
+      if (ok && !inner_ok) return report(false, inner, err, err_len);
+      break;
+    }
+    case 3:
+      try {
+        rf::sync_block();
+      } catch (const std::logic_error& x) {
+        return report(false, x.what(), err, err_len);
+      }
+      break;
+    default: return 2;
+  }
+  return report(ok, e, err, err_len);
+}
