@@ -267,6 +267,13 @@ def read_cache(device: torch.device) -> dict[str, dict]:
     return data["entries"]
 
 
+def forget() -> None:
+    """Drop what this process remembers of choices and of the shipped table (tests; after the cache changed)."""
+    global _TABLE
+    _TABLE = None
+    _CHOSEN.clear()
+
+
 def write_cache_entry(device: torch.device, key: str, entry: dict) -> Path:
     """Add one tuned entry to ``device``'s cache file (written to a temporary file, then renamed)."""
     path = cache_path(device)
@@ -278,6 +285,7 @@ def write_cache_entry(device: torch.device, key: str, entry: dict) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"schema": TUNE_SCHEMA, "stamp": _stamp(), "entries": entries}, indent=1) + "\n")
     os.replace(tmp, path)
+    _CHOSEN.clear()  # the choices this process remembered may be different now
     return path
 
 
@@ -340,17 +348,27 @@ def choose(spec: ModuleSpec) -> Choice:
                             "runs (never slower than torch.nn: it is torch.nn's call)", refusals=refusals)
 
 
+_CHOSEN: dict[tuple, str] = {}  # choose_name's answers, per call shape
+
+
 @backends.constant_under_compile
 def choose_name(cell: str, device: str, dtype: str, training: bool, seq_len: int, batch: int, input_size: int,
                 hidden_size: int, proj_size: int, num_layers: int, bidirectional: bool, bias: bool,
                 has_lengths: bool) -> str:
     """:func:`choose`'s backend from plain values, which ``torch.compile`` evaluates once, eagerly, and keeps
-    (the table and the cache are files, which dynamo cannot trace)."""
-    spec = ModuleSpec(cell=cell, device=torch.device(device), dtype=getattr(torch, dtype), training=training,
-                      seq_len=seq_len, batch=batch, input_size=input_size, hidden_size=hidden_size,
-                      proj_size=proj_size, num_layers=num_layers, bidirectional=bidirectional, bias=bias,
-                      has_lengths=has_lengths)
-    return choose(spec).backend
+    (the table and the cache are files, which dynamo cannot trace). Remembered per process for each call shape, so
+    a module call pays a dictionary look-up; :func:`rnnfast.tune` (and :func:`forget`) clear it. (A plain dict, not
+    functools.lru_cache: dynamo looks through an lru_cache wrapper and would trace the file reads.)"""
+    key = (cell, device, dtype, training, seq_len, batch, input_size, hidden_size, proj_size, num_layers,
+           bidirectional, bias, has_lengths)
+    name = _CHOSEN.get(key)
+    if name is None:
+        spec = ModuleSpec(cell=cell, device=torch.device(device), dtype=getattr(torch, dtype), training=training,
+                          seq_len=seq_len, batch=batch, input_size=input_size, hidden_size=hidden_size,
+                          proj_size=proj_size, num_layers=num_layers, bidirectional=bidirectional, bias=bias,
+                          has_lengths=has_lengths)
+        name = _CHOSEN[key] = choose(spec).backend
+    return name
 
 
 def module_spec(module: torch.nn.Module, input, *, training: bool | None = None) -> ModuleSpec:

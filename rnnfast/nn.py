@@ -255,18 +255,19 @@ class _RNNBase(torch.nn.Module):
 
         cell = _MODE_CELL[self.mode]
         amp = _autocast_dtype(x)
-        backend = self._choose(x, h0, c0, amp, T, B, packed)
+        weights = self._flat_weights
+        backend = self._choose(x, h0, c0, amp, T, B, packed, weights)
         if backend == "torch" and not torch.compiler.is_compiling():
             # torch.nn's own single call, on the input as torch.nn gets it (a packed one stays packed).
             if packed:
                 out_data, hidden = native.module_forward(
-                    self.mode, data, batch_sizes, (h0, c0) if is_lstm else h0, self._flat_weights, bias=self.bias,
+                    self.mode, data, batch_sizes, (h0, c0) if is_lstm else h0, weights, bias=self.bias,
                     num_layers=self.num_layers, dropout=self.dropout, training=self.training,
                     bidirectional=self.bidirectional, batch_first=False)
                 return self._packed_result(out_data, hidden, batch_sizes, sorted_indices, unsorted_indices)
             output, hidden = native.module_forward(
                 self.mode, x.transpose(0, 1) if self.batch_first else x, None, (h0, c0) if is_lstm else h0,
-                self._flat_weights, bias=self.bias, num_layers=self.num_layers, dropout=self.dropout,
+                weights, bias=self.bias, num_layers=self.num_layers, dropout=self.dropout,
                 training=self.training, bidirectional=self.bidirectional, batch_first=self.batch_first)
             h_n, c_n = hidden if is_lstm else (hidden, None)
             return self._padded_result(output, h_n, c_n, is_batched)
@@ -312,13 +313,15 @@ class _RNNBase(torch.nn.Module):
         return self._padded_result(output, h_n, c_n, is_batched)
 
     def _choose(self, x: Tensor, h0: Tensor, c0: Tensor | None, amp: torch.dtype | None, T: int, B: int,
-                has_lengths: bool) -> str:
+                has_lengths: bool, weights: list[Tensor]) -> str:
         """The backend this call runs on: ``self.backend``, or what ``auto`` chooses for it."""
         if self.backend != "auto":
             return self.backend
+        if not dispatch.measured_device(x.device):
+            return dispatch.FALLBACK  # nothing to look up: keep the call as cheap as torch.nn's
         return dispatch.choose_name(
             _MODE_CELL[self.mode], str(x.device), dispatch.dtype_name(amp or x.dtype),
-            _records_grad(x, h0, c0, *self._flat_weights), T, B, self.input_size, self.hidden_size,
+            _records_grad(x, h0, c0, *weights), T, B, self.input_size, self.hidden_size,
             self.proj_size, self.num_layers, self.bidirectional, self.bias, has_lengths)
 
     def _packed_result(self, out_data, hidden, batch_sizes, sorted_indices, unsorted_indices):
@@ -453,7 +456,9 @@ class _CellBase(torch.nn.Module):
         """One step: ``h``, or ``(h, c)`` for LSTM; ``input`` and ``hx`` batched and checked."""
         states = list(hx) if cell == "lstm" else [hx]
         name = self.backend
-        if name == "auto":
+        if name == "auto" and not dispatch.measured_device(input.device):
+            name = dispatch.FALLBACK
+        elif name == "auto":
             name = dispatch.choose_name(cell, str(input.device), dispatch.dtype_name(
                 _autocast_dtype(input) or input.dtype), _records_grad(input, *states, *self.parameters()), 1,
                 input.size(0), self.input_size, self.hidden_size, 0, 1, False, self.bias, False)

@@ -22,8 +22,10 @@ def gpu_like(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "device_id", lambda device: "test-gpu")
     monkeypatch.setattr(tk.TritonBackend, "auto_unavailable", tk.TritonBackend.unavailable)
     monkeypatch.setenv("RNNFAST_CACHE_DIR", str(tmp_path))
+    dispatch.forget()  # nothing remembered from before the patches, nor after them
     monkeypatch.setattr(dispatch, "_TABLE", {})
-    return tmp_path
+    yield tmp_path
+    dispatch.forget()
 
 
 def _row(backend, training=False, cell="lstm", dtype="float64", batch=16, hidden=128, seq_len=256):
@@ -200,3 +202,19 @@ def test_explain_an_explicit_backend_and_its_refusal():
         m(torch.randn(5, 3))
     with pytest.raises(TypeError, match="rnnfast.nn module"):
         rnnfast.explain(torch.nn.LSTM(3, 4), torch.randn(5, 3))
+
+
+def test_auto_under_compile_reads_the_table_once_eagerly(gpu_like, monkeypatch):
+    """torch.compile(fullgraph=True) keeps auto's choice as a constant (the table and cache are files, which dynamo
+    cannot trace) and runs the backend the table names."""
+    dispatch._TABLE.update({r.key: r for r in [_row("triton:fused", cell="gru", dtype="float32")]})
+    calls = _count_triton(monkeypatch)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = rnnfast.nn.GRU(3, 5)
+    x = torch.randn(4, 2, 3)
+    with torch.no_grad():
+        out, _ = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        ref, _ = m(x)
+    assert calls == [True, True]
+    assert_close(out, ref)
