@@ -79,9 +79,10 @@ def _compile(fn, meta: dict, dtype: torch.dtype, arch: int) -> Compiled:
         raise RuntimeError("the kernels were created by the Triton interpreter (TRITON_INTERPRET is set); "
                            "compile them in a process without it")
     meta = dict(meta)
-    num_warps = meta.pop("num_warps")
+    # The launch options compile into the kernel as the JIT's do; the rest are its constexprs.
+    options = {k: meta.pop(k) for k in ("num_warps", "launch_cooperative_grid") if k in meta}
     src = ASTSource(fn, _signature(fn, meta, dtype), meta)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
     return Compiled(k, ptx, *_resources(ptx, arch))
 

@@ -262,3 +262,15 @@ def test_tf32_only_when_torch_allows_it():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert torch.backends.cuda.matmul.allow_tf32 == saved
+
+
+def test_only_plans_whose_programs_wait_for_each_other_launch_cooperatively():
+    shared = tk.make_plan("lstm", torch.device("cuda"), 16, 64, 512, sm_count=132)
+    alone = tk.make_plan("lstm", torch.device("cuda"), 16, 64, 512, sm_count=132, schedule="step")
+    assert shared.needs_sync(512) and not alone.needs_sync(512)
+    for meta, want in ((tk.forward_meta("lstm", shared, 512, fused=False, reverse=False, has_len=False,
+                                        has_bias=True, precision="ieee"), True),
+                       (tk.backward_meta("lstm", shared, 512, reverse=False, has_len=False, precision="ieee"), True),
+                       (tk.forward_meta("lstm", alone, 512, fused=False, reverse=False, has_len=False,
+                                        has_bias=True, precision="ieee"), False)):
+        assert meta.get("launch_cooperative_grid", False) is want

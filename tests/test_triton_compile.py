@@ -34,7 +34,8 @@ for cell in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
             out.append(dict(cell=cell, dtype=dt, precision=precision, H=H, kind=kind, arch=90,
                             sync=plan.needs_sync(H), resident=plan.w_resident, registers=k.registers,
                             spill=k.spill_bytes, mma=k.uses("mma.sync"), tf32=k.uses(".tf32"),
-                            release=k.uses("atom.global.gpu.release"), acquire=k.uses("global.gpu.acquire")))
+                            release=k.uses("atom.global.gpu.release"), acquire=k.uses("global.gpu.acquire"),
+                            cooperative=bool(k.kernel.metadata.launch_cooperative_grid)))
 # sm_80 (A100) and the per-step schedule (no barrier) for one cell.
 plan = bk.make_plan("lstm", torch.device("cuda"), 64, 512, 512, sm_count=108, schedule="step")
 for kind, k in (("forward", aot.compile_forward("lstm", plan, torch.bfloat16, 512, fused=False, arch=80)),
@@ -81,6 +82,16 @@ def test_barrier_is_a_release_acquire_pair_only_when_programs_share_a_batch_tile
     assert any(r["sync"] for r in compiled) and not all(r["sync"] for r in compiled)
     for r in compiled:
         assert r["release"] == r["sync"] and r["acquire"] == r["sync"], _ids(r)
+
+
+@pytest.mark.slow
+def test_programs_that_wait_for_each_other_are_launched_cooperatively(compiled):
+    """A plain launch of programs that wait on each other can hang when one of them is not resident (another
+    stream, NCCL, MPS); a cooperative launch is refused by the driver instead."""
+    for r in compiled:
+        if "cooperative" in r:
+            assert r["cooperative"] == r["sync"], _ids(r)
+    assert any(r.get("cooperative") for r in compiled)
 
 
 @pytest.mark.slow

@@ -119,22 +119,28 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def launch_options(plan: Plan, H: int) -> dict:
+    """The launch options of a plan: ``num_warps``, and a cooperative launch wherever programs wait for each other
+    (the driver then refuses a grid that cannot be co-resident, loudly, where a plain launch could hang)."""
+    return dict(num_warps=plan.num_warps, **({"launch_cooperative_grid": True} if plan.needs_sync(H) else {}))
+
+
 def forward_meta(cell: str, plan: Plan, H: int, *, fused: bool, reverse: bool, has_len: bool, has_bias: bool,
                  precision: str) -> dict:
-    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_forward_kernel` (and ``num_warps``)."""
+    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_forward_kernel` and its launch options."""
     return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=gate_planes(cell), FUSED=bool(fused),
                 REVERSE=bool(reverse), HAS_LEN=bool(has_len), HAS_BIAS=bool(has_bias), BLOCK_B=plan.block_b,
                 BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_I=plan.block_i, W_RESIDENT=plan.w_resident,
                 PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H), PRECISION=precision,
-                num_warps=plan.num_warps)
+                **launch_options(plan, H))
 
 
 def backward_meta(cell: str, plan: Plan, H: int, *, reverse: bool, has_len: bool, precision: str) -> dict:
-    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_backward_kernel` (and ``num_warps``)."""
+    """The compile-time arguments of :func:`~rnnfast.kernels.layer.layer_backward_kernel` and its launch options."""
     return dict(CELL=layer.CELL_IDS[cell], NG=GATES[cell], GW=gate_planes(cell), REVERSE=bool(reverse),
                 HAS_LEN=bool(has_len), BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
                 W_RESIDENT=plan.w_resident, PERSISTENT=plan.schedule == "persistent", SYNC=plan.needs_sync(H),
-                PRECISION=precision, num_warps=plan.num_warps)
+                PRECISION=precision, **launch_options(plan, H))
 
 
 def _launch(kernel, grid, plan: Plan, T: int, steps_args, args, meta):
