@@ -281,11 +281,6 @@ def build(*, emulate: bool = False, verbose: bool = False) -> str:
     return str(library)
 
 
-def load(verbose: bool = False) -> str:
-    """Build the GPU library if needed; its path (kept for ``python -m rnnfast.build`` and older callers)."""
-    return build(verbose=verbose)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -60,11 +60,7 @@ def _schemas(cell: str) -> tuple[str, str]:
 def layer_spec(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, b_ih: Tensor | None,
                lengths: Tensor | None) -> backends.LayerSpec:
     """The :class:`~rnnfast.backends.LayerSpec` of a layer call (shapes, dtype and device only)."""
-    H = w_hh.shape[0] // GATES[cell]
-    return backends.LayerSpec(cell=cell, device=x.device, dtype=x.dtype, seq_len=x.shape[0], batch=x.shape[1],
-                              input_size=x.shape[2], hidden_size=H,
-                              proj_size=w_hr.shape[0] if w_hr is not None else 0,
-                              bias=b_ih is not None, has_lengths=lengths is not None)
+    return LayerInputs(cell, x, None, None, None, w_hh, b_ih=b_ih, w_hr=w_hr, lengths=lengths).spec()
 
 
 def _backend(name: str, inputs: LayerInputs) -> backends.Backend:
