@@ -128,8 +128,8 @@ def test_gpu_multi_program_barrier(backend, cell):
     check_against_torch(backend, cfg)
 
 
-# Each layer fills the GPU: the Triton plan is 4 batch tiles x 32 slices = 128 persistent programs, the CUDA one
-# 128 blocks of 8 units, on a 132-SM H200.
+# Each layer fills the GPU with persistent programs that wait for each other: the Triton plan's grid is sized from
+# its kernels' occupancy (rnnfast.backends.triton.make_plan), the CUDA one is 128 blocks of 8 units, on a 132-SM H200.
 STREAMS_CONFIG = Config("lstm", batch=256, hidden=1024, input=1024, seq_len=16, dtype="bfloat16")
 STREAMS_TIMEOUT_S = 90
 

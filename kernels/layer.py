@@ -1,32 +1,76 @@
-"""Triton kernels for one recurrent layer in one direction over a whole sequence (RNN tanh/relu, GRU, LSTM).
+"""Triton kernels for one recurrent layer over a whole sequence, one or both directions in one launch (RNN tanh/relu,
+GRU, LSTM).
 
-Work split: program ``(pb, ph)`` owns a tile of ``BLOCK_B`` sequences and a slice of ``BLOCK_H`` hidden units with
-all of their gates, so the activations and the state update stay in registers. Per step it multiplies the whole
-``h_{t-1}`` of its batch tile by its slice of ``W_hh`` (every gate), adds the input part (``hoisted``: read from a
-GEMM done before the loop; ``fused``: ``x_t`` times its slice of ``W_ih`` inside the step), and writes its slice
-of ``h_t``. The programs that share a batch tile exchange ``h`` through global memory.
+Work split. Program ``(pb, ph, d)`` owns a tile of ``BLOCK_B`` sequences, a slice of ``BLOCK_H`` hidden units with
+all of their gates, and direction ``d`` (``DIRS`` = 2 runs a bidirectional layer's two independent recurrences side
+by side; direction 1 runs reversed). Per step it multiplies the whole ``h_{t-1}`` row of its batch tile by its slice
+of ``W_hh``, adds the input part, applies the cell, and publishes its slice of ``h_t``; the programs that share a
+batch tile exchange ``h`` through global memory.
+
+Packed weights. The host permutes each weight once per call (:func:`rnnfast.backends.triton.pack_forward`) so that a
+program's slice is one contiguous ``(K, N)`` operand with ``N = NGP * BLOCK_H`` columns ordered (unit, gate): one
+``tl.dot`` produces every gate of the slice with the warps along N, and a reshape and two splits separate the gates.
+``NGP`` is the gate count rounded up to a power of two: 1 (RNN) or 4. GRU's fourth column holds the input part of
+``n``, which must stay apart from the hidden part ``W_hn h + b_hn`` that ``r`` multiplies: its ``W_hh`` slot 3 and
+``W_ih`` slot 2 are zero, so ``h W_hh + x W_ih + b`` gives ``[r, z, W_hn h + b_hn, W_in x + b_in]`` in one sum. The
+hoisted input product is the same packed GEMM for all steps (the biases folded in), read as one ``(BLOCK_B, N)``
+tile per step. The backward's operand is ``W_hh``'s column slice, ``(NG*H, BLOCK_H)``, rows in the gate gradients'
+order.
+
+On chip. With ``NK > 0`` the slice is loaded before the time loop in ``NK`` chunks of ``BLOCK_K`` rows and stays on
+chip for every step: the compiler keeps a loop-invariant dot operand in shared memory (a ``local_alloc`` before the
+``scf.for``, a ``local_load`` per step; tests/test_triton_compile.py checks it), so each step reads it with
+``ldmatrix`` instead of from L2. With ``NK == 0`` it streams from L2 in ``BLOCK_K`` tiles each step. The program's own ``h`` (and LSTM ``c``) slice stays in registers in
+the compute dtype (fp32 for half types) across steps; only the exchange copy is rounded.
 
 Schedules:
 
 - ``persistent``: one launch runs all steps. With one program per batch tile (``BLOCK_H >= H``) a program needs
   only a CTA barrier between steps; with several it also waits on a per-tile counter (an in-kernel grid barrier),
-  which needs every program resident at once: the launcher keeps such grids within the multiprocessor count.
+  which needs every program resident at once: the launcher sizes such grids from the compiled kernel's occupancy
+  and launches them cooperatively, so the driver refuses a grid that cannot be co-resident instead of hanging.
   The Triton interpreter runs programs one after another, so it can run the first form only.
-- ``step``: one launch per step, the same step body; the launch boundary is the barrier.
+- ``step``: one launch per step, the same step body; the launch boundary is the barrier, and the registers' state
+  goes through ``carry`` between launches.
 
-Workspace (compute dtype: float32 for half inputs, else the input dtype), all indexed by time ``t``:
+Buffers, per direction (stacked along a leading ``DIRS`` axis), indexed by time ``t``. "Layer dtype" is the
+inputs' dtype, "compute dtype" fp32 for half inputs and else the same:
 
-- ``hs (T, B, H)``: the state entering step ``t`` (``h0`` at the first step; carried unchanged over padded steps),
-  which is also the operand of the ``dW_hh`` GEMM;
-- ``cs (T, B, H)``: the same for the LSTM cell state;
-- ``gates (T, B, GW*H)``: activated gates (RNN: ``h_t``; LSTM: ``i, f, g, o``; GRU: ``r, z, n`` and the hidden
-  part of the ``n`` pre-activation, ``W_hn h + b_hn``).
+- ``hs (T, B, H)``, layer dtype: the state entering step ``t`` (``h0`` at the first step; carried unchanged over
+  padded steps): the exchange between programs, and the operand of the ``dW_hh`` GEMM;
+- ``cs (T, B, H)``, compute dtype: the same for the LSTM cell state;
+- ``gates (T, B, GW*H)``, layer dtype: activated gates (RNN: ``h_t``; LSTM: ``i, f, g, o``; GRU: ``r, z, n`` and the
+  hidden part of the ``n`` pre-activation, ``W_hn h + b_hn``);
+- ``carry_h``, ``carry_c (B, H)``, compute dtype: the state between launches (``h0``, ``c0`` before the first);
+- ``y (T, B, DIRS*H)``: direction ``d`` writes columns ``d*H ..``, the layout of a bidirectional layer's output.
 
-The backward walks the steps in the opposite order. Step body: ``dh = pending + dgates_hid[t_prev] @ W_hh`` (the
-previous backward step's gate gradients through the recurrent weights), then the local gate gradients, written as
-``d_in`` (pre-activation gradients of the input part) and ``d_hid`` (of the hidden part; they differ only in
-GRU's ``n`` gate). ``pending`` is the part of ``dh_{t-1}`` that does not pass through ``W_hh`` (GRU's ``dh*z``;
-the unchanged ``dh`` of a padded step). The weight, bias and input gradients are GEMMs over all steps afterwards.
+The backward walks the steps in the opposite order. Step body: ``dh = pending + d_hid[t_prev] @ W_hh`` (the previous
+backward step's gate gradients through the recurrent weights), then the local gate gradients, written as ``d_in``
+(pre-activation gradients of the input part) and ``d_hid`` (of the hidden part; they differ only in GRU's ``n``
+gate), both in the layer dtype: ``d_hid`` is the backward's exchange. ``pending`` is the part of ``dh_{t-1}`` that
+does not pass through ``W_hh`` (GRU's ``dh*z``; the unchanged ``dh`` of a padded step). The weight, bias and input
+gradients are GEMMs over all steps afterwards.
+
+Per step and program (forward): read ``BLOCK_B x H`` of ``h`` (layer dtype) and a ``BLOCK_B x N`` fp32 tile of the
+hoisted input from L2, plus ``K x N`` of ``W_hh`` when it streams; ``2 * BLOCK_B * K * N`` MMA flops; write
+``BLOCK_B x BLOCK_H`` of ``h``, ``y`` and the gates; one barrier. The backward reads the ``BLOCK_B x G*H`` gate
+gradients of the step before instead of ``h``.
+
+**Predicted** µs/step on an H200 (``kernels/cost.py``, whose constants are assumptions; the plans are what
+``python -m rnnfast.kernels.aot`` picks; **not measured on a GPU**):
+
+=========================================  ========  ==================================  =========  ==========
+anchor                                     kernel    plan                                 programs   predicted
+=========================================  ========  ==================================  =========  ==========
+(a) LSTM bf16 B=16 I=H=768                 forward   b16 h16, W_hh resident 3 x 256       48         2.2
+(a)                                        backward  b16 h16, W_hh resident 3 x 1024      48         3.4
+(b) LSTM fp32 (TF32) B=64 I=H=512          forward   b64 h8, streamed                     64         5.0
+(b)                                        backward  b64 h16, streamed                    32         9.1
+(c) GRU bf16 B=256 H=1024                  forward   b64 h32, streamed                    128        16.0
+(c)                                        backward  b64 h64, streamed                    64         17.9
+=========================================  ========  ==================================  =========  ==========
+
+Measured: nothing yet.
 """
 
 from __future__ import annotations
@@ -115,82 +159,100 @@ def _row_tile(base, stride, offs_b, mask_b, k0, K, BLOCK_K: tl.constexpr):
     """(BLOCK_B, BLOCK_K) tile of a row-major (rows, K) operand, columns k0.. (zeros past K or the batch)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = mask_b[:, None] & (offs_k < K)[None, :]
-    # .cg: other programs wrote these rows; read them from L2, never from a stale L1 line.
+    # Other programs stored these rows last step. .cg keeps them out of L1 where it compiles to ld.global.cg; where
+    # the compiler turns it into cp.async.ca (vectors under 16 bytes) they are still fresh only because the acquire
+    # in _sync invalidates L1 first. Both orders rest on that acquire, not on the modifier.
     return tl.load(base + offs_b[:, None] * stride + offs_k[None, :], mask=mask, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
-def _gate_tiles(w_ptr, stride_k, stride_h, gate_stride, k0, K, offs_h, mask_h, NG: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """Per gate g < NG, the (BLOCK_K, BLOCK_H) tile at ``w_ptr + g*gate_stride + k*stride_k + h*stride_h``."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_k < K)[:, None] & mask_h[None, :]
-    p = w_ptr + offs_k[:, None] * stride_k + offs_h[None, :] * stride_h
-    w0 = tl.load(p, mask=mask, other=0.0)
+def _w_chunk(w_base, k0, N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``k0 .. k0+BLOCK_K`` of a packed ``(K_pad, N)`` slice (zero-padded on the host: no mask)."""
+    return tl.load(w_base + (k0 + tl.arange(0, BLOCK_K))[:, None] * N + tl.arange(0, N)[None, :])
+
+
+@triton.jit
+def _chunked_dot(acc, a_base, a_stride, offs_b, mask_b, K, w0, w1, w2, w3, w_base, K_pad,
+                 N: tl.constexpr, NK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc += A[offs_b, :K] @ W_slice``: with ``NK`` > 0 the slice is the register-resident chunks ``w0..w3``,
+    with ``NK == 0`` it streams from ``w_base`` in ``BLOCK_K`` tiles."""
+    wt = w0.dtype
+    if NK == 0:
+        for k0 in range(0, K_pad, BLOCK_K):
+            a = _row_tile(a_base, a_stride, offs_b, mask_b, k0, K, BLOCK_K)
+            acc = tl.dot(a.to(wt), _w_chunk(w_base, k0, N, BLOCK_K), acc, input_precision=PRECISION)
+    else:
+        # One accumulator per chunk: NK independent chains of BLOCK_K/16 dependent MMAs instead of one chain of
+        # K/16, so the tensor cores overlap them; summed at the end.
+        a = _row_tile(a_base, a_stride, offs_b, mask_b, 0, K, BLOCK_K)
+        acc = tl.dot(a.to(wt), w0, acc, input_precision=PRECISION)
+        if NK > 1:
+            a = _row_tile(a_base, a_stride, offs_b, mask_b, BLOCK_K, K, BLOCK_K)
+            acc1 = tl.dot(a.to(wt), w1, input_precision=PRECISION, out_dtype=acc.dtype)
+            if NK > 2:
+                a = _row_tile(a_base, a_stride, offs_b, mask_b, 2 * BLOCK_K, K, BLOCK_K)
+                acc2 = tl.dot(a.to(wt), w2, input_precision=PRECISION, out_dtype=acc.dtype)
+                if NK > 3:
+                    a = _row_tile(a_base, a_stride, offs_b, mask_b, 3 * BLOCK_K, K, BLOCK_K)
+                    acc2 += tl.dot(a.to(wt), w3, input_precision=PRECISION, out_dtype=acc.dtype)
+                acc1 += acc2
+            acc += acc1
+    return acc
+
+
+@triton.jit
+def _resident(w_base, N: tl.constexpr, NK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``NK`` chunks of a packed slice, loaded once (with ``NK == 0``, one chunk that only gives the dtype)."""
+    w0 = _w_chunk(w_base, 0, N, BLOCK_K)
     w1 = w0
     w2 = w0
     w3 = w0
-    if NG > 1:
-        w1 = tl.load(p + gate_stride, mask=mask, other=0.0)
-        w2 = tl.load(p + 2 * gate_stride, mask=mask, other=0.0)
-    if NG > 3:
-        w3 = tl.load(p + 3 * gate_stride, mask=mask, other=0.0)
+    if NK > 1:
+        w1 = _w_chunk(w_base, BLOCK_K, N, BLOCK_K)
+    if NK > 2:
+        w2 = _w_chunk(w_base, 2 * BLOCK_K, N, BLOCK_K)
+    if NK > 3:
+        w3 = _w_chunk(w_base, 3 * BLOCK_K, N, BLOCK_K)
     return w0, w1, w2, w3
 
 
 @triton.jit
-def _w_tiles(w_ptr, w_stride, k0, K, H, offs_h, mask_h, NG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Forward operand: per gate, ``W[g*H + offs_h, k0:k0+BLOCK_K]^T`` of a row-major (NG*H, K) weight."""
-    return _gate_tiles(w_ptr, 1, w_stride, H * w_stride, k0, K, offs_h, mask_h, NG, BLOCK_K)
+def _split_gates(acc, NGP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The gate planes ``(BLOCK_B, BLOCK_H)`` of a product whose columns are ``unit * NGP + gate``."""
+    if NGP == 1:
+        g0 = acc
+        g1 = acc
+        g2 = acc
+        g3 = acc
+    else:
+        # gate = 2p + q: split q first (gates 0, 2 | 1, 3), then p.
+        even, odd = tl.split(tl.reshape(acc, (BLOCK_B, BLOCK_H, 2, 2)))
+        g0, g2 = tl.split(even)
+        g1, g3 = tl.split(odd)
+    return g0, g1, g2, g3
 
 
 @triton.jit
-def _wt_tiles(w_ptr, k0, H, offs_h, mask_h, NG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Backward operand (W_hh^T): per gate, ``W_hh[g*H + k0 + k, offs_h]`` of the (NG*H, H) weight."""
-    return _gate_tiles(w_ptr, H, 1, H * H, k0, H, offs_h, mask_h, NG, BLOCK_K)
-
-
-@triton.jit
-def _dot4(acc0, acc1, acc2, acc3, a, w0, w1, w2, w3, NG: tl.constexpr, PRECISION: tl.constexpr):
-    """acc_g += a @ w_g for each gate g < NG (operands in the weights' dtype, accumulation in acc's)."""
-    a = a.to(w0.dtype)
-    acc0 = tl.dot(a, w0, acc0, input_precision=PRECISION)
-    if NG > 1:
-        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
-        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
-    if NG > 3:
-        acc3 = tl.dot(a, w3, acc3, input_precision=PRECISION)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _gates_dot(acc0, acc1, acc2, acc3, a_base, offs_b, mask_b, K, w_ptr, H, offs_h, mask_h,
-               NG: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc_g += A[offs_b, :K] @ W[g*H + offs_h, :K]^T, streaming both operands over K (A and W row-major, K wide)."""
-    for k0 in range(0, K, BLOCK_K):
-        a = _row_tile(a_base, K, offs_b, mask_b, k0, K, BLOCK_K)
-        w0, w1, w2, w3 = _w_tiles(w_ptr, K, k0, K, H, offs_h, mask_h, NG, BLOCK_K)
-        acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, a, w0, w1, w2, w3, NG, PRECISION)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _program_tile(len_ptr, T, B, H, NG: tl.constexpr, GW: tl.constexpr, HAS_LEN: tl.constexpr,
-                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's sequences and hidden units, their masks, the tile's offsets in (B, H), (B, NG*H) and
-    (B, GW*H) planes (gate 0), and each sequence's length."""
+def _program_tile(len_ptr, T, B, H, HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's sequences and hidden units, their masks, the tile's offsets in a (B, H) plane, and each
+    sequence's length."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < B
     mask_h = offs_h < H
     mask_bh = mask_b[:, None] & mask_h[None, :]
     bh = offs_b[:, None] * H + offs_h[None, :]
-    bg = offs_b[:, None] * (NG * H) + offs_h[None, :]
-    bw = offs_b[:, None] * (GW * H) + offs_h[None, :]
     seq_len = tl.zeros((BLOCK_B,), dtype=tl.int32) + T
     if HAS_LEN:
         seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=0).to(tl.int32)
-    return offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len
+    return offs_b, offs_h, mask_b, mask_h, mask_bh, bh, seq_len
+
+
+@triton.jit
+def _time(s, T, rev):
+    """Step ``s`` runs time ``t``; the step after it runs ``t_next``."""
+    t = tl.where(rev, T - 1 - s, s)
+    return t, tl.where(rev, t - 1, t + 1)
 
 
 @triton.jit
@@ -211,216 +273,206 @@ def _sync(sync_ptr, target, PERSISTENT: tl.constexpr, SYNC: tl.constexpr):
 
 @triton.jit
 def layer_forward_kernel(
-        x_ptr, gx_ptr, w_ih_ptr, w_hh_ptr, b_ptr, b_hn_ptr, len_ptr,
-        hs_ptr, cs_ptr, gates_ptr, y_ptr, hn_ptr, cn_ptr, sync_ptr,
-        T, B, I, H, s_begin, n_steps,
-        CELL: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, FUSED: tl.constexpr, REVERSE: tl.constexpr,
-        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, W_RESIDENT: tl.constexpr, PERSISTENT: tl.constexpr,
-        SYNC: tl.constexpr, PRECISION: tl.constexpr):
-    """Forward steps ``s_begin .. s_begin + n_steps - 1`` (step s runs time ``t = s``, or ``T-1-s`` reversed).
+        x_ptr, gx_ptr, wi_ptr, wh_ptr, b_ptr, len_ptr,
+        hs_ptr, cs_ptr, gates_ptr, y_ptr, hn_ptr, cn_ptr, carry_h_ptr, carry_c_ptr, sync_ptr,
+        T, B, I, H, K_pad, I_pad, s_begin, n_steps,
+        CELL: tl.constexpr, NGP: tl.constexpr, GW: tl.constexpr, FUSED: tl.constexpr, REVERSE: tl.constexpr,
+        DIRS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, BLOCK_I: tl.constexpr,
+        PERSISTENT: tl.constexpr, SYNC: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward steps ``s_begin .. s_begin + n_steps - 1``.
 
-    ``gx (T, B, NG*H)``: hoisted input part with the biases folded in (GRU's n gate: ``b_in`` only); ``b (NG*H)``:
-    the same biases for the fused mode; ``b_hn (H)``: GRU's hidden bias of n, which r multiplies.
+    Packed operands (per direction): ``wh (n_slices, K_pad, N)`` with ``K_pad = NK*BLOCK_K`` when resident, else
+    a multiple of ``BLOCK_K``; ``wi (n_slices, I_pad, N)`` (fused); ``b (n_slices*N)`` the folded biases (fused);
+    ``gx (T, B, DIRS*n_slices*N)`` the hoisted input part of both directions, the biases folded in.
     """
+    N: tl.constexpr = NGP * BLOCK_H
     pid_b = tl.program_id(0)
-    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len = _program_tile(
-        len_ptr, T, B, H, NG, GW, HAS_LEN, BLOCK_B, BLOCK_H)
-    ct = hs_ptr.dtype.element_ty
+    pid_h = tl.program_id(1)
+    d = tl.program_id(2)
+    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, seq_len = _program_tile(len_ptr, T, B, H, HAS_LEN, BLOCK_B, BLOCK_H)
+    ct = carry_h_ptr.dtype.element_ty
+    st = hs_ptr.dtype.element_ty
+    n_slices = tl.num_programs(1)
+    rev = (d == 1) | REVERSE
 
-    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=ct)
-    bias0 = zero
-    bias1 = zero
-    bias2 = zero
-    bias3 = zero
-    b_hn = zero
-    if HAS_BIAS:
-        if FUSED:
-            bias0 += tl.load(b_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
-            if NG > 1:
-                bias1 += tl.load(b_ptr + H + offs_h, mask=mask_h, other=0.0)[None, :]
-                bias2 += tl.load(b_ptr + 2 * H + offs_h, mask=mask_h, other=0.0)[None, :]
-            if NG > 3:
-                bias3 += tl.load(b_ptr + 3 * H + offs_h, mask=mask_h, other=0.0)[None, :]
-        if CELL == GRU:
-            b_hn += tl.load(b_hn_ptr + offs_h, mask=mask_h, other=0.0)[None, :]
-    if W_RESIDENT:
-        # The whole K extent fits one tile: load this program's W_hh slice once and keep it for every step.
-        wr0, wr1, wr2, wr3 = _w_tiles(w_hh_ptr, H, 0, H, H, offs_h, mask_h, NG, BLOCK_K)
+    # Per-direction bases: every buffer is stacked along a leading direction axis.
+    plane_n = (T * B).to(tl.int64) * H
+    hs_ptr += d * plane_n
+    cs_ptr += d * plane_n
+    gates_ptr += d * plane_n * GW
+    hn_ptr += d * B * H
+    cn_ptr += d * B * H
+    carry_h_ptr += d * B * H
+    carry_c_ptr += d * B * H
+    sync_ptr += d * tl.num_programs(0) + pid_b
+    wh_base = wh_ptr + (d * n_slices + pid_h).to(tl.int64) * K_pad * N
+    wi_base = wi_ptr + (d * n_slices + pid_h).to(tl.int64) * I_pad * N
+    offs_n = tl.arange(0, N)
+    gx_cols = (d * n_slices + pid_h) * N + offs_n  # gx (T, B, DIRS * n_slices * N): one GEMM for both
+    y_cols = d * H + offs_h  # y (T, B, DIRS*H)
+
+    bias = tl.zeros((BLOCK_B, N), dtype=ct)
+    if FUSED and HAS_BIAS:
+        bias += tl.load(b_ptr + (d * n_slices + pid_h) * N + offs_n)[None, :]
+    w0, w1, w2, w3 = _resident(wh_base, N, NK, BLOCK_K)
+    h_own = tl.load(carry_h_ptr + bh, mask=mask_bh, other=0.0)
+    c_own = h_own
+    if CELL == LSTM:
+        c_own = tl.load(carry_c_ptr + bh, mask=mask_bh, other=0.0)
 
     for k in range(0, n_steps):
         s = s_begin + k
-        if REVERSE:
-            t = T - 1 - s
-            t_next = t - 1
-        else:
-            t = s
-            t_next = t + 1
+        t, t_next = _time(s, T, rev)
         plane = t.to(tl.int64) * B * H
 
-        # Recurrent part: h_{t-1} of the whole batch tile times this program's W_hh slice, every gate.
-        acc0 = zero
-        acc1 = zero
-        acc2 = zero
-        acc3 = zero
-        if W_RESIDENT:
-            a = _row_tile(hs_ptr + plane, H, offs_b, mask_b, 0, H, BLOCK_K)
-            acc0, acc1, acc2, acc3 = _dot4(acc0, acc1, acc2, acc3, a, wr0, wr1, wr2, wr3, NG, PRECISION)
-        else:
-            acc0, acc1, acc2, acc3 = _gates_dot(acc0, acc1, acc2, acc3, hs_ptr + plane, offs_b, mask_b, H,
-                                                w_hh_ptr, H, offs_h, mask_h, NG, BLOCK_K, PRECISION)
-
-        # Input part.
+        # Every gate of the slice: h_{t-1} (the whole row of the batch tile) times the packed W_hh slice, plus the
+        # input part.
+        acc = bias
         if FUSED:
-            in0 = bias0
-            in1 = bias1
-            in2 = bias2
-            in3 = bias3
-            in0, in1, in2, in3 = _gates_dot(in0, in1, in2, in3, x_ptr + t.to(tl.int64) * B * I, offs_b, mask_b, I,
-                                            w_ih_ptr, H, offs_h, mask_h, NG, BLOCK_I, PRECISION)
+            acc = _chunked_dot(acc, x_ptr + t.to(tl.int64) * B * I, I, offs_b, mask_b, I, w0, w0, w0, w0, wi_base,
+                               I_pad, N, 0, BLOCK_I, PRECISION)
         else:
-            gx = gx_ptr + t.to(tl.int64) * B * (NG * H) + bg
-            in0 = tl.load(gx, mask=mask_bh, other=0.0).to(ct)
-            in1 = zero
-            in2 = zero
-            in3 = zero
-            if NG > 1:
-                in1 = tl.load(gx + H, mask=mask_bh, other=0.0).to(ct)
-                in2 = tl.load(gx + 2 * H, mask=mask_bh, other=0.0).to(ct)
-            if NG > 3:
-                in3 = tl.load(gx + 3 * H, mask=mask_bh, other=0.0).to(ct)
+            gx_row = DIRS * n_slices * N
+            gx = gx_ptr + t.to(tl.int64) * B * gx_row + offs_b[:, None] * gx_row + gx_cols[None, :]
+            acc += tl.load(gx, mask=mask_b[:, None] & (offs_n < N)[None, :], other=0.0).to(ct)
+        acc = _chunked_dot(acc, hs_ptr + plane, H, offs_b, mask_b, H, w0, w1, w2, w3, wh_base, K_pad, N, NK,
+                           BLOCK_K, PRECISION)
+        p0, p1, p2, p3 = _split_gates(acc, NGP, BLOCK_B, BLOCK_H)
 
-        h_old = tl.load(hs_ptr + plane + bh, mask=mask_bh, other=0.0)
-        gates = gates_ptr + t.to(tl.int64) * B * (GW * H) + bw
+        gates = gates_ptr + t.to(tl.int64) * B * (GW * H) + offs_b[:, None] * (GW * H) + offs_h[None, :]
         if CELL == LSTM:
-            c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0)
-            h_new, c_new, i, f, g, o = _lstm_update(acc0 + in0, acc1 + in1, acc2 + in2, acc3 + in3, c_old)
-            tl.store(gates, i, mask=mask_bh)
-            tl.store(gates + H, f, mask=mask_bh)
-            tl.store(gates + 2 * H, g, mask=mask_bh)
-            tl.store(gates + 3 * H, o, mask=mask_bh)
+            h_new, c_new, i, f, g, o = _lstm_update(p0, p1, p2, p3, c_own)
+            tl.store(gates, i.to(st), mask=mask_bh)
+            tl.store(gates + H, f.to(st), mask=mask_bh)
+            tl.store(gates + 2 * H, g.to(st), mask=mask_bh)
+            tl.store(gates + 3 * H, o.to(st), mask=mask_bh)
         elif CELL == GRU:
-            gh_n = acc2 + b_hn
-            h_new, r, z, n = _gru_update(in0, in1, in2, acc0, acc1, gh_n, h_old)
-            tl.store(gates, r, mask=mask_bh)
-            tl.store(gates + H, z, mask=mask_bh)
-            tl.store(gates + 2 * H, n, mask=mask_bh)
-            tl.store(gates + 3 * H, gh_n, mask=mask_bh)
+            # p2 = W_hn h + b_hn, p3 = W_in x + b_in (the packing's slot order).
+            h_new, r, z, n = _gru_update(p0, p1, p3, 0.0, 0.0, p2, h_own)
+            tl.store(gates, r.to(st), mask=mask_bh)
+            tl.store(gates + H, z.to(st), mask=mask_bh)
+            tl.store(gates + 2 * H, n.to(st), mask=mask_bh)
+            tl.store(gates + 3 * H, p2.to(st), mask=mask_bh)
         else:
-            h_new = _rnn_update(acc0 + in0, CELL == RNN_RELU)
-            tl.store(gates, h_new, mask=mask_bh)
+            h_new = _rnn_update(p0, CELL == RNN_RELU)
+            tl.store(gates, h_new.to(st), mask=mask_bh)
 
         # A padded step (t >= length) outputs zeros and carries the state unchanged, as packed sequences do.
         active = (t < seq_len)[:, None] & mask_bh
-        tl.store(y_ptr + plane + bh, tl.where(active, h_new, 0.0), mask=mask_bh)
-        h_keep = tl.where(active, h_new, h_old)
+        tl.store(y_ptr + t.to(tl.int64) * B * (DIRS * H) + offs_b[:, None] * (DIRS * H) + y_cols[None, :],
+                 tl.where(active, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=mask_bh)
+        h_own = tl.where(active, h_new, h_own)
         last = s == T - 1
         next_plane = t_next.to(tl.int64) * B * H
-        tl.store(hs_ptr + next_plane + bh, h_keep, mask=mask_bh & (s < T - 1))
-        tl.store(hn_ptr + bh, h_keep, mask=mask_bh & last)
+        tl.store(hs_ptr + next_plane + bh, h_own.to(st), mask=mask_bh & (s < T - 1))
+        tl.store(hn_ptr + bh, h_own.to(hn_ptr.dtype.element_ty), mask=mask_bh & last)
         if CELL == LSTM:
-            c_keep = tl.where(active, c_new, c_old)
-            tl.store(cs_ptr + next_plane + bh, c_keep, mask=mask_bh & (s < T - 1))
-            tl.store(cn_ptr + bh, c_keep, mask=mask_bh & last)
-        _sync(sync_ptr + pid_b, (k + 1) * tl.num_programs(1), PERSISTENT, SYNC)
+            c_own = tl.where(active, c_new, c_own)
+            tl.store(cs_ptr + next_plane + bh, c_own, mask=mask_bh & (s < T - 1))
+            tl.store(cn_ptr + bh, c_own.to(cn_ptr.dtype.element_ty), mask=mask_bh & last)
+        _sync(sync_ptr, (k + 1) * n_slices, PERSISTENT, SYNC)
+
+    if not PERSISTENT:
+        tl.store(carry_h_ptr + bh, h_own, mask=mask_bh)
+        if CELL == LSTM:
+            tl.store(carry_c_ptr + bh, c_own, mask=mask_bh)
 
 
 @triton.jit
 def layer_backward_kernel(
-        grad_y_ptr, w_hh_ptr, len_ptr, hs_ptr, cs_ptr, gates_ptr, d_in_ptr, d_hid_ptr, dh_ptr, dc_ptr, sync_ptr,
-        T, B, H, r_begin, n_steps,
-        CELL: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr,
-        PERSISTENT: tl.constexpr, SYNC: tl.constexpr, PRECISION: tl.constexpr):
+        grad_y_ptr, wt_ptr, len_ptr, hs_ptr, cs_ptr, gates_ptr, d_in_ptr, d_hid_ptr, dh_ptr, dc_ptr, sync_ptr,
+        T, B, H, K_pad, r_begin, n_steps,
+        CELL: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, REVERSE: tl.constexpr, DIRS: tl.constexpr,
+        HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        NK: tl.constexpr, PERSISTENT: tl.constexpr, SYNC: tl.constexpr, PRECISION: tl.constexpr):
     """Backward steps ``r_begin .. r_begin + n_steps - 1``; backward step r undoes forward step ``T-1-r``.
 
-    ``dh (B, H)`` and ``dc (B, H)`` hold the pending state gradients between launches: ``grad_h_n``/``grad_c_n``
-    before the first step; after the last, the part of ``dh0`` that does not pass through ``W_hh`` and ``dc0``.
-    ``d_hid`` is ``d_in`` itself except for GRU.
+    ``wt (n_slices, K_pad, BLOCK_H)``: the packed column slices of ``W_hh`` (rows ``g*H + u``, the order of
+    ``d_hid``'s columns). ``dh (B, H)`` and ``dc (B, H)`` hold the pending state gradients between launches:
+    ``grad_h_n``/``grad_c_n`` before the first step; after the last, the part of ``dh0`` that does not pass through
+    ``W_hh`` and ``dc0``. ``d_hid`` is ``d_in`` itself except for GRU.
     """
     pid_b = tl.program_id(0)
-    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, bg, bw, seq_len = _program_tile(
-        len_ptr, T, B, H, NG, GW, HAS_LEN, BLOCK_B, BLOCK_H)
-    ct = hs_ptr.dtype.element_ty
+    pid_h = tl.program_id(1)
+    d = tl.program_id(2)
+    offs_b, offs_h, mask_b, mask_h, mask_bh, bh, seq_len = _program_tile(len_ptr, T, B, H, HAS_LEN, BLOCK_B, BLOCK_H)
+    ct = dh_ptr.dtype.element_ty
+    st = d_in_ptr.dtype.element_ty
+    n_slices = tl.num_programs(1)
+    rev = (d == 1) | REVERSE
+    KG = NG * H
+
+    plane_n = (T * B).to(tl.int64) * H
+    hs_ptr += d * plane_n
+    cs_ptr += d * plane_n
+    gates_ptr += d * plane_n * GW
+    d_in_ptr += d * plane_n * NG
+    d_hid_ptr += d * plane_n * NG
+    dh_ptr += d * B * H
+    dc_ptr += d * B * H
+    sync_ptr += d * tl.num_programs(0) + pid_b
+    wt_base = wt_ptr + (d * n_slices + pid_h).to(tl.int64) * K_pad * BLOCK_H
+    gy_cols = d * H + offs_h  # grad_y (T, B, DIRS*H)
+
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=ct)
     pending = tl.load(dh_ptr + bh, mask=mask_bh, other=0.0)
     dc = zero
     if CELL == LSTM:
         dc = tl.load(dc_ptr + bh, mask=mask_bh, other=0.0)
-    if W_RESIDENT:
-        wr0, wr1, wr2, wr3 = _wt_tiles(w_hh_ptr, 0, H, offs_h, mask_h, NG, BLOCK_K)
+    w0, w1, w2, w3 = _resident(wt_base, BLOCK_H, NK, BLOCK_K)
 
     for k in range(0, n_steps):
         r = r_begin + k
-        s = T - 1 - r
-        if REVERSE:
-            t = T - 1 - s
-            t_done = t - 1  # the time of forward step s + 1, undone by the previous backward step
-        else:
-            t = s
-            t_done = t + 1
+        # t_done: the time of forward step s + 1, undone by the previous backward step.
+        t, t_done = _time(T - 1 - r, T, rev)
         plane = t.to(tl.int64) * B * H
 
-        # dh entering step t: pending + d_hid[t_done] @ W_hh, summed over every gate of every hidden unit.
-        d_prev = d_hid_ptr + t_done.to(tl.int64) * B * (NG * H)
+        # dh entering step t: pending + d_hid[t_done] @ W_hh, over every gate of every hidden unit.
         mask_prev = mask_b & (r > 0)  # nothing was undone before the first backward step
-        acc = zero
-        for gi in tl.static_range(NG):
-            for k0 in range(0, H, BLOCK_K):
-                a = _row_tile(d_prev + gi * H, NG * H, offs_b, mask_prev, k0, H, BLOCK_K)
-                if W_RESIDENT:
-                    if gi == 0:
-                        w = wr0
-                    elif gi == 1:
-                        w = wr1
-                    elif gi == 2:
-                        w = wr2
-                    else:
-                        w = wr3
-                else:
-                    w0, w1, w2, w3 = _wt_tiles(w_hh_ptr + gi * H * H, k0, H, offs_h, mask_h, 1, BLOCK_K)
-                    w = w0
-                acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = _chunked_dot(zero, d_hid_ptr + t_done.to(tl.int64) * B * KG, KG, offs_b, mask_prev, KG,
+                           w0, w1, w2, w3, wt_base, K_pad, BLOCK_H, NK, BLOCK_K, PRECISION)
         dh_in = pending + acc
 
         active = (t < seq_len)[:, None] & mask_bh
-        dh = tl.where(active, dh_in + tl.load(grad_y_ptr + plane + bh, mask=mask_bh, other=0.0).to(ct), 0.0)
-        gates = gates_ptr + t.to(tl.int64) * B * (GW * H) + bw
-        d_in = d_in_ptr + t.to(tl.int64) * B * (NG * H) + bg
+        gy = grad_y_ptr + t.to(tl.int64) * B * (DIRS * H) + offs_b[:, None] * (DIRS * H) + gy_cols[None, :]
+        dh = tl.where(active, dh_in + tl.load(gy, mask=mask_bh, other=0.0).to(ct), 0.0)
+        gates = gates_ptr + t.to(tl.int64) * B * (GW * H) + offs_b[:, None] * (GW * H) + offs_h[None, :]
+        d_in = d_in_ptr + t.to(tl.int64) * B * KG + offs_b[:, None] * KG + offs_h[None, :]
         if CELL == LSTM:
-            i = tl.load(gates, mask=mask_bh, other=0.0)
-            f = tl.load(gates + H, mask=mask_bh, other=0.0)
-            g = tl.load(gates + 2 * H, mask=mask_bh, other=0.0)
-            o = tl.load(gates + 3 * H, mask=mask_bh, other=0.0)
+            i = tl.load(gates, mask=mask_bh, other=0.0).to(ct)
+            f = tl.load(gates + H, mask=mask_bh, other=0.0).to(ct)
+            g = tl.load(gates + 2 * H, mask=mask_bh, other=0.0).to(ct)
+            o = tl.load(gates + 3 * H, mask=mask_bh, other=0.0).to(ct)
             c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0)
             # dh is zero at a padded step; dc is masked too, so that step's gate gradients are zero.
             di, df, dg, do, dc_prev = _lstm_update_backward(dh, tl.where(active, dc, 0.0), c_old, i, f, g, o)
-            tl.store(d_in, di, mask=mask_bh)
-            tl.store(d_in + H, df, mask=mask_bh)
-            tl.store(d_in + 2 * H, dg, mask=mask_bh)
-            tl.store(d_in + 3 * H, do, mask=mask_bh)
+            tl.store(d_in, di.to(st), mask=mask_bh)
+            tl.store(d_in + H, df.to(st), mask=mask_bh)
+            tl.store(d_in + 2 * H, dg.to(st), mask=mask_bh)
+            tl.store(d_in + 3 * H, do.to(st), mask=mask_bh)
             pending = tl.where(active, 0.0, dh_in)
             dc = tl.where(active, dc_prev, dc)
         elif CELL == GRU:
-            r_ = tl.load(gates, mask=mask_bh, other=0.0)
-            z = tl.load(gates + H, mask=mask_bh, other=0.0)
-            n = tl.load(gates + 2 * H, mask=mask_bh, other=0.0)
-            gh_n = tl.load(gates + 3 * H, mask=mask_bh, other=0.0)
-            h_old = tl.load(hs_ptr + plane + bh, mask=mask_bh, other=0.0)
+            r_ = tl.load(gates, mask=mask_bh, other=0.0).to(ct)
+            z = tl.load(gates + H, mask=mask_bh, other=0.0).to(ct)
+            n = tl.load(gates + 2 * H, mask=mask_bh, other=0.0).to(ct)
+            gh_n = tl.load(gates + 3 * H, mask=mask_bh, other=0.0).to(ct)
+            h_old = tl.load(hs_ptr + plane + bh, mask=mask_bh, other=0.0).to(ct)
             dr, dz, dn, dh_direct = _gru_update_backward(dh, h_old, r_, z, n, gh_n)
-            tl.store(d_in, dr, mask=mask_bh)
-            tl.store(d_in + H, dz, mask=mask_bh)
-            tl.store(d_in + 2 * H, dn, mask=mask_bh)
-            d_hid = d_hid_ptr + t.to(tl.int64) * B * (NG * H) + bg
-            tl.store(d_hid, dr, mask=mask_bh)
-            tl.store(d_hid + H, dz, mask=mask_bh)
-            tl.store(d_hid + 2 * H, dn * r_, mask=mask_bh)
+            tl.store(d_in, dr.to(st), mask=mask_bh)
+            tl.store(d_in + H, dz.to(st), mask=mask_bh)
+            tl.store(d_in + 2 * H, dn.to(st), mask=mask_bh)
+            d_hid = d_hid_ptr + t.to(tl.int64) * B * KG + offs_b[:, None] * KG + offs_h[None, :]
+            tl.store(d_hid, dr.to(st), mask=mask_bh)
+            tl.store(d_hid + H, dz.to(st), mask=mask_bh)
+            tl.store(d_hid + 2 * H, (dn * r_).to(st), mask=mask_bh)
             pending = tl.where(active, dh_direct, dh_in)
         else:
-            h_new = tl.load(gates, mask=mask_bh, other=0.0)
-            tl.store(d_in, _rnn_update_backward(dh, h_new, CELL == RNN_RELU), mask=mask_bh)
+            h_new = tl.load(gates, mask=mask_bh, other=0.0).to(ct)
+            tl.store(d_in, _rnn_update_backward(dh, h_new, CELL == RNN_RELU).to(st), mask=mask_bh)
             pending = tl.where(active, 0.0, dh_in)
-        _sync(sync_ptr + pid_b, (k + 1) * tl.num_programs(1), PERSISTENT, SYNC)
+        _sync(sync_ptr, (k + 1) * n_slices, PERSISTENT, SYNC)
 
     tl.store(dh_ptr + bh, pending, mask=mask_bh)
     if CELL == LSTM:

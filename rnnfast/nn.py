@@ -281,6 +281,22 @@ class _RNNBase(torch.nn.Module):
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
+            if num_directions == 2 and self._one_launch(backend, cell, layer_input, lengths):
+                # Both directions in one launch (eager only: under torch.compile each direction is one op node).
+                ws = [[_cast(getattr(self, n), amp) for n in self._all_weights[2 * layer + d]] for d in range(2)]
+                ws = [tuple(w[:4]) if self.bias else (w[0], w[1], None, None) for w in ws]
+                from .backends import triton as triton_backend
+
+                y, h, c = triton_backend.bidirectional_layer(
+                    cell, layer_input, h0[2 * layer:2 * layer + 2], None if c0 is None else c0[2 * layer:2 * layer + 2],
+                    ws[0], ws[1], lengths, fused=backends.split_name(backend)[1] == "fused")
+                h_n += [h[0], h[1]]
+                if is_lstm:
+                    c_n += [c[0], c[1]]
+                layer_input = y
+                if self.dropout != 0 and self.training and layer < self.num_layers - 1:
+                    layer_input = F.dropout(layer_input, self.dropout, True)
+                continue
             for direction in range(num_directions):
                 idx = layer * num_directions + direction
                 w = [_cast(getattr(self, n), amp) for n in self._all_weights[idx]]
@@ -311,6 +327,13 @@ class _RNNBase(torch.nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return self._padded_result(output, h_n, c_n, is_batched)
+
+    def _one_launch(self, backend: str, cell: str, x: Tensor, lengths: Tensor | None) -> bool:
+        """A bidirectional layer whose directions run on the Triton kernels, in eager mode: one launch for both."""
+        if backends.split_name(backend)[0] != "triton" or self.proj_size or torch.compiler.is_compiling():
+            return False
+        spec = ops.layer_spec(cell, x, getattr(self, self._all_weights[0][1]), None, None, lengths)
+        return backends.why_unavailable(backend, spec) is None
 
     def _choose(self, x: Tensor, h0: Tensor, c0: Tensor | None, amp: torch.dtype | None, T: int, B: int,
                 has_lengths: bool, weights: list[Tensor]) -> str:
