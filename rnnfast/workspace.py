@@ -44,18 +44,25 @@ def fold_biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):
     return b, None
 
 
+def widened_addmm(b: torch.Tensor | None, a: torch.Tensor, w: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """``a @ w (+ b)`` in the compute dtype ``ct``: half operands multiplied with fp32 accumulation and rounded once,
+    to ``ct`` (never to the layer dtype first). On a GPU one GEMM (``addmm``'s ``out_dtype``); elsewhere, or on a
+    torch without it, the same products with the operands widened first."""
+    if ct == a.dtype:
+        return a @ w if b is None else torch.addmm(b, a, w)
+    if a.device.type == "cuda":
+        try:
+            return torch.addmm(b if b is not None else a.new_zeros(w.shape[1], dtype=ct), a, w, out_dtype=ct)
+        except (TypeError, RuntimeError):
+            pass
+    out = a.to(ct) @ w.to(ct)
+    return out if b is None else out.add_(b)
+
+
 def hoisted_input(x: torch.Tensor, w_ih: torch.Tensor, b: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:
-    """``x @ W_ih^T + b`` for every step as one GEMM, ``(T, B, G*H)`` in the compute dtype: operands in the layer's
-    dtype (tensor cores for half types), fp32 accumulation, the biases added in the compute dtype."""
+    """``x @ W_ih^T + b`` for every step as one GEMM, ``(T, B, G*H)`` in the compute dtype (:func:`widened_addmm`)."""
     T, B, I = x.shape
-    x2d = x.reshape(T * B, I)
-    if b is not None and ct == x.dtype:
-        gx = torch.addmm(b, x2d, w_ih.t())
-    else:
-        gx = (x2d @ w_ih.t()).to(ct)
-        if b is not None:
-            gx += b
-    return gx.view(T, B, w_ih.shape[0])
+    return widened_addmm(b, x.reshape(T * B, I), w_ih.t(), ct).view(T, B, w_ih.shape[0])
 
 
 def input_and_weight_grads(d_in: torch.Tensor, d_hid: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor,

@@ -21,7 +21,7 @@ import triton
 
 from ..kernels import layer
 from ..reference import GATES, compute_dtype
-from ..workspace import gate_planes, input_and_weight_grads
+from ..workspace import gate_planes, input_and_weight_grads, widened_addmm
 from . import KernelBackend, LayerGrads, LayerOutputs, kernel_layer_problem, register
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
@@ -361,23 +361,10 @@ def _hoisted(cell, x, w_ihs, b_ihs, b_hhs, H, bh, ct) -> torch.Tensor:
     rounded once, to fp32 (never to the layer dtype first)."""
     T, B, I = x.shape
     w = torch.cat([pack_forward(cell, wi, "ih", H, bh, I).permute(1, 0, 2).reshape(I, -1) for wi in w_ihs], 1)
-    x2d = x.reshape(T * B, I)
     b = None
     if b_ihs is not None:
         b = torch.cat([pack_bias(cell, bi, bh_, H, bh, ct) for bi, bh_ in zip(b_ihs, b_hhs)])
-    if ct == x.dtype:
-        gx = x2d @ w if b is None else torch.addmm(b, x2d, w)
-    else:
-        gx = None
-        if x.device.type == "cuda":
-            try:
-                gx = torch.addmm(b if b is not None else x2d.new_zeros(w.shape[1], dtype=ct), x2d, w, out_dtype=ct)
-            except (TypeError, RuntimeError):  # a torch without addmm's out_dtype: widen first, as below
-                gx = None
-        if gx is None:  # the same products, widened first, with fp32 accumulation
-            gx = x2d.to(ct) @ w.to(ct)
-            if b is not None:
-                gx += b
+    gx = widened_addmm(b, x.reshape(T * B, I), w, ct)
     return gx.view(T, B, -1)
 
 
