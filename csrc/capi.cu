@@ -28,7 +28,9 @@ extern "C" size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, int
                             static_cast<int>(block_h), tensor_cores != 0 && has_mma(dtype));
 }
 
-extern "C" size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t H, int64_t block_h) {
+extern "C" size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
+                                              int tensor_cores) {
   using namespace rnnfast_cuda;
-  return dtype_size(dtype) * gates_of(cell) * static_cast<size_t>(block_h) * static_cast<size_t>(H);
+  return backward_smem_bytes(dtype_size(dtype), gates_of(cell), static_cast<int>(B), static_cast<int>(H),
+                             static_cast<int>(block_h), tensor_cores != 0 && has_mma(dtype));
 }

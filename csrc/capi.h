@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define RNNFAST_ABI_VERSION 1
+#define RNNFAST_ABI_VERSION 2
 
 /* The library is built with hidden visibility: only these entry points are exported. */
 #if defined(__GNUC__)
@@ -73,15 +73,17 @@ typedef struct {
   int64_t T, B, H;
   int64_t block_h;
   int32_t reverse;
+  int32_t tensor_cores; /* WMMA for the recurrent product d_hid W_hh (f16/bf16 only) */
 } rnnfast_backward_params;
 
 RNNFAST_API int rnnfast_abi_version(void);
 /* 1 for the CPU emulation library, 0 for the GPU one. */
 RNNFAST_API int rnnfast_emulated(void);
 RNNFAST_API const char* rnnfast_last_error(void);
-/* Dynamic shared memory of one forward block (the W_hh slice; with tensor_cores also h and the product). */
+/* Dynamic shared memory of one block (the W_hh slice; with tensor_cores also the other operand and the product). */
 RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h, int tensor_cores);
-RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t H, int64_t block_h);
+RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
+                                               int tensor_cores);
 /* Waits on the grid barrier `iters` times with `blocks` blocks; writes iters to *passed (device memory). */
 RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, void* stream);
 

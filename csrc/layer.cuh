@@ -6,11 +6,13 @@
 // other with a cooperative-groups grid barrier, so the grid must be co-resident (cooperative launch, checked).
 //
 // Arithmetic: operands in the layer's dtype, products and sums in acc_t (float for half types and float32,
-// double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. The forward's recurrent
-// product runs on tensor cores (WMMA 16x16x16, fp32 accumulation) for float16/bfloat16 when the caller asks and
-// the tiles fit shared memory: h_{t-1} is then rounded to the layer's dtype for the product, as cuDNN does. Every
-// other product (float32, float64, the fused input part, the backward) is a plain FMA loop, one warp per
-// (sequence, chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
+// double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. For float16/bfloat16,
+// when the caller asks and the tiles fit shared memory, the recurrent products of the forward (h_{t-1} W_hh^T) and
+// of the backward (d_hid W_hh) run on tensor cores (WMMA 16x16x16, fp32 accumulation), their K split across every
+// warp of the block (mma_recurrent_product), and the step's pointwise part then runs one thread per (sequence,
+// unit); the A operand is rounded to the layer's dtype for the product, as cuDNN does. Every other product
+// (float32, float64, the fused input part) is a plain FMA loop, one warp per (sequence, chunk of up to 8 units),
+// lanes splitting K, a butterfly shuffle sum at the end.
 #pragma once
 
 #include <string>
@@ -48,6 +50,7 @@ struct ForwardArgs {
   bool tensor_cores;   // only for float16/bfloat16
   int m_pad, n_pad, k_pad;  // B, G*HB and H rounded up to 16: the WMMA tile grid
   int k_ld;  // row stride of both operands in shared memory: k_pad + 8, so that 16 rows fall in different banks
+  int splits;  // K ranges the product is split into, one warp each (mma_splits)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -65,6 +68,8 @@ struct BackwardArgs {
   acc_t* direct;
   int T, B, H, HB;
   bool reverse;
+  bool tensor_cores;  // only for float16/bfloat16
+  int m_pad, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
 };
 
 template <typename T>
@@ -86,13 +91,34 @@ struct MmaType<rf::half_t> { using type = rf::half_t; };
 template <>
 struct MmaType<rf::bf16_t> { using type = rf::bf16_t; };
 
-// Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path keeps it
-// padded [n_pad][k_ld], plus h_{t-1} [m_pad][k_ld] in the layer's dtype and the product [m_pad][n_pad] in fp32.
+__host__ __device__ inline int pad16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
+
+// How many K ranges a WMMA product of an m_pad x n_pad tile grid over k_pad is split into: enough that every warp
+// of the block has a (tile, K range) to work on, but no range shorter than one 16-deep chunk.
+__host__ __device__ inline int mma_splits(int m_pad, int n_pad, int k_pad) {
+  const int tiles = (m_pad / 16) * (n_pad / 16);
+  const int s = tiles >= kWarps ? 1 : kWarps / tiles;
+  return s < k_pad / 16 ? s : k_pad / 16;
+}
+
+// Bytes of shared memory of a WMMA product of M x K by K x N (mma_recurrent_product): both operands padded to
+// [*][k_ld] in the layer's dtype, then the fp32 partial products [splits][m_pad][n_pad].
+inline size_t mma_smem_bytes(size_t elem, int M, int N, int K) {
+  const size_t m = pad16(M), n = pad16(N), k_ld = pad16(K) + 8;
+  return elem * (n + m) * k_ld + sizeof(float) * m * n * mma_splits(pad16(M), pad16(N), pad16(K));
+}
+
+// Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path
+// mma_smem_bytes for M = B, N = G*HB, K = H.
 inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
   if (!tensor_cores) return elem * G * HB * H;
-  auto pad = [](size_t n) { return (n + 15) / 16 * 16; };
-  const size_t m = pad(B), n = pad(static_cast<size_t>(G) * HB), k_ld = pad(H) + 8;
-  return elem * (n + m) * k_ld + sizeof(float) * m * n;
+  return mma_smem_bytes(elem, B, G * HB, H);
+}
+
+// The backward's: W_hh^T's slice [HB][G*H] on the FMA path; mma_smem_bytes for M = B, N = HB, K = G*H on WMMA.
+inline size_t backward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
+  if (!tensor_cores) return elem * G * HB * H;
+  return mma_smem_bytes(elem, B, HB, G * H);
 }
 
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int t, int b) {
@@ -103,39 +129,51 @@ __host__ __device__ inline size_t mma_product_offset(int m_pad, int n_pad, int k
   return 2 * static_cast<size_t>(n_pad + m_pad) * k_ld;
 }
 
-// The block's recurrent product on tensor cores: prod[m][n] = sum_k h[m][k] W[n][k] for its m_pad x n_pad tile grid,
-// one warp per 16x16 output tile over the whole K. Shared memory: W (operand B) at 0, h rounded to mma_t (operand
-// A, row-major [m_pad][k_ld]) after it, the fp32 product (row-major [m_pad][n_pad]) after that. Ends with a block
-// barrier, so the product is ready for every thread. Columns k_pad..k_ld-1 are never read.
+// The block's recurrent product on tensor cores: prod[m][n] = sum_k a[m][k] W[n][k] for its m_pad x n_pad tile grid
+// (a: M rows of K in acc_t in global memory, written by other blocks before the grid barrier), the K chunks of each
+// tile split into `splits` ranges, one warp per (tile, range), so every warp works even when the tiles are fewer
+// than the warps. Shared memory: W (operand B, [n_pad][k_ld]) at 0, a rounded to mma_t (operand A, row-major
+// [m_pad][k_ld]) after it, the fp32 partial products [splits][m_pad][n_pad] after that (mma_sum adds them up).
+// Ends with a block barrier, so the product is ready for every thread. Columns k_pad..k_ld-1 are never read.
 template <typename mma_t>
-__device__ void mma_recurrent_product(const float* h, unsigned char* smem, int B, int H, int m_pad, int n_pad,
-                                      int k_pad, int k_ld) {
+__device__ void mma_recurrent_product(const float* a, unsigned char* smem, int M, int K, int m_pad, int n_pad,
+                                      int k_pad, int k_ld, int splits) {
   namespace wmma = rf::wmma;
   const mma_t* wt = reinterpret_cast<const mma_t*>(smem);
   mma_t* at = reinterpret_cast<mma_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
   float* prod = reinterpret_cast<float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
-  // One warp per row, coalesced. h_{t-1} was written by other blocks before the grid barrier: through L2 (ld.cg),
-  // never a stale L1 line.
+  // One warp per row, coalesced; through L2 (ld.cg), never a stale L1 line.
   for (int m = threadIdx.x / 32; m < m_pad; m += blockDim.x / 32) {
     for (int k = threadIdx.x % 32; k < k_pad; k += 32)
-      from_float(m < B && k < H ? rf::ldcg(h + static_cast<int64_t>(m) * H + k) : 0.f, &at[m * k_ld + k]);
+      from_float(m < M && k < K ? rf::ldcg(a + static_cast<int64_t>(m) * K + k) : 0.f, &at[m * k_ld + k]);
   }
   rf::sync_block();
-  const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles;
-  for (int tile = threadIdx.x / 32; tile < tiles; tile += blockDim.x / 32) {
+  const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles, chunks = k_pad / 16;
+  for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
+    const int tile = work % tiles, split = work / tiles;
     const int mt = tile / n_tiles, nt = tile % n_tiles;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.f);
-    for (int kc = 0; kc < k_pad; kc += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
-      wmma::load_matrix_sync(a, at + static_cast<size_t>(mt) * 16 * k_ld + kc, k_ld);
-      wmma::load_matrix_sync(b, wt + static_cast<size_t>(nt) * 16 * k_ld + kc, k_ld);
-      wmma::mma_sync(acc, a, b, acc);
+    for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, at + static_cast<size_t>(mt) * 16 * k_ld + c * 16, k_ld);
+      wmma::load_matrix_sync(fb, wt + static_cast<size_t>(nt) * 16 * k_ld + c * 16, k_ld);
+      wmma::mma_sync(acc, fa, fb, acc);
     }
-    wmma::store_matrix_sync(prod + static_cast<size_t>(mt) * 16 * n_pad + nt * 16, acc, n_pad, wmma::mem_row_major);
+    wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_pad + mt * 16) * n_pad + nt * 16, acc, n_pad,
+                            wmma::mem_row_major);
   }
   rf::sync_block();
+}
+
+// prod[m][n] of mma_recurrent_product: the sum of its K ranges' partial products.
+__device__ __forceinline__ float mma_sum(const unsigned char* smem, int m_pad, int n_pad, int k_ld, int splits,
+                                         int m, int n) {
+  const float* prod = reinterpret_cast<const float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += prod[(static_cast<size_t>(s) * m_pad + m) * n_pad + n];
+  return v;
 }
 
 // The pointwise part of each cell, named and ordered as in rnnfast/reference.py, whose docstrings hold the
@@ -295,7 +333,24 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
     const acc_t* h_in = p.hs + t * BH;
     if constexpr (kHasMma) {
-      if (tc) mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld);
+      if (tc) {
+        mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld, p.splits);
+        if (p.gx != nullptr) {
+          // The pointwise part, one thread per (sequence, own unit): nothing is left to reduce.
+          for (int item = threadIdx.x; item < B * nj; item += blockDim.x) {
+            const int b = item / nj, jl = item % nj;
+            acc_t ah[G], ax[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              ah[g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jl));
+              ax[g] = acc_t(0);
+            }
+            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, h_in + static_cast<int64_t>(b) * H);
+          }
+          if (!last) rf::sync_grid();
+          continue;
+        }
+      }
     }
     // One warp per (sequence, chunk of kUnits own units): every h_{t-1} and x_t element is read once per chunk.
     const int chunks = (nj + kUnits - 1) / kUnits;
@@ -350,10 +405,9 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
       for (int u = 0; u < kUnits; ++u) {
         if (lane == u && jc + u < nj) {
           if (tc) {
-            const float* prod =
-                reinterpret_cast<const float*>(smem_raw + mma_product_offset(p.m_pad, p.n_pad, p.k_ld));
 #pragma unroll
-            for (int g = 0; g < G; ++g) ah[u][g] = static_cast<acc_t>(prod[b * p.n_pad + g * HB + jc + u]);
+            for (int g = 0; g < G; ++g)
+              ah[u][g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jc + u));
           }
           forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u], h_row);
         }
@@ -374,17 +428,35 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   constexpr int kUnits = 8;  // units one warp reduces together in phase B
-  // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero.
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(rf::dynamic_smem());
+  // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero. WMMA path: the same slice
+  // as operand B of mma_recurrent_product, [n_pad][k_ld], zero-padded.
+  unsigned char* smem_raw = rf::dynamic_smem();
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
 
   const int T = p.T, B = p.B, H = p.H, HB = p.HB;
   const int k0 = blockIdx.x * HB;
   const int nk = rf::imin(HB, H - k0);
   const int GH = G * H;
   const int64_t BH = static_cast<int64_t>(B) * H;
-  for (int idx = threadIdx.x; idx < HB * GH; idx += blockDim.x) {
-    const int r = idx % GH, kl = idx / GH;
-    w_s[idx] = kl < nk ? p.w_hh[static_cast<int64_t>(r) * H + k0 + kl] : scalar_t(0);
+  using mma_t = typename MmaType<scalar_t>::type;
+  constexpr bool kHasMma = !std::is_void_v<mma_t>;
+  const bool tc = kHasMma && p.tensor_cores;
+  if (!tc) {
+    for (int idx = threadIdx.x; idx < HB * GH; idx += blockDim.x) {
+      const int r = idx % GH, kl = idx / GH;
+      w_s[idx] = kl < nk ? p.w_hh[static_cast<int64_t>(r) * H + k0 + kl] : scalar_t(0);
+    }
+  }
+  if constexpr (kHasMma) {
+    if (tc) {
+      mma_t* wt = reinterpret_cast<mma_t*>(smem_raw);
+      const mma_t* w_hh = reinterpret_cast<const mma_t*>(p.w_hh);
+      for (int idx = threadIdx.x; idx < p.n_pad * p.k_pad; idx += blockDim.x) {
+        const int n = idx / p.k_pad, r = idx % p.k_pad;
+        if (n < nk && r < GH) wt[n * p.k_ld + r] = w_hh[static_cast<int64_t>(r) * H + k0 + n];
+        else from_float(0.f, &wt[n * p.k_ld + r]);
+      }
+    }
   }
   rf::sync_block();
 
@@ -434,8 +506,23 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
     // Phase B reads every unit's gate gradients of this step.
     rf::sync_grid();
 
-    // Phase B: one warp per (sequence, chunk of kUnits own units), each d_hid element read once per chunk:
-    // dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
+    // Phase B: dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
+    if constexpr (kHasMma) {
+      if (tc) {
+        // On tensor cores, then one thread per (sequence, own unit).
+        mma_recurrent_product<mma_t>(p.d_hid + static_cast<int64_t>(t) * B * GH, smem_raw, B, GH, p.m_pad,
+                                     p.n_pad, p.k_pad, p.k_ld, p.splits);
+        for (int item = threadIdx.x; item < B * nk; item += blockDim.x) {
+          const int b = item / nk, kl = item % nk;
+          const int64_t bk = static_cast<int64_t>(b) * H + k0 + kl;
+          const acc_t sum = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, kl));
+          p.dh[bk] = is_active(p.lengths, t, b) ? p.direct[bk] + sum : p.direct[bk];
+        }
+        rf::sync_block();
+        continue;
+      }
+    }
+    // One warp per (sequence, chunk of kUnits own units), each d_hid element read once per chunk.
     const int chunks = (nk + kUnits - 1) / kUnits;
     for (int item = warp; item < B * chunks; item += kWarps) {
       const int b = item / chunks, kc = (item % chunks) * kUnits;
@@ -515,6 +602,7 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.n_pad = static_cast<int>(ceil_div(static_cast<int64_t>(gates_of(CELL)) * p.HB, 16) * 16);
   p.k_pad = static_cast<int>(ceil_div(p.H, 16) * 16);
   p.k_ld = p.k_pad + 8;
+  p.splits = mma_splits(p.m_pad, p.n_pad, p.k_pad);
   const int64_t blocks = ceil_div(p.H, p.HB);
   const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
   return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem, stream,
@@ -550,8 +638,14 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.H = static_cast<int>(a->H);
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
+  p.tensor_cores = a->tensor_cores != 0 && !std::is_void_v<typename MmaType<scalar_t>::type>;
+  p.m_pad = pad16(p.B);
+  p.n_pad = pad16(p.HB);
+  p.k_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.H);
+  p.k_ld = p.k_pad + 8;
+  p.splits = mma_splits(p.m_pad, p.n_pad, p.k_pad);
   const int64_t blocks = ceil_div(p.H, p.HB);
-  const size_t smem = sizeof(scalar_t) * gates_of(CELL) * p.HB * p.H;
+  const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
   return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem,
                                 stream, what, &last_error());
 }

@@ -7,8 +7,9 @@ ctypes), so a build loads under any torch and can be made on a machine without a
 - ``librnnfast_emu.so``: the host compiler with ``-DRNNFAST_EMULATE`` (``csrc/emulate.h``), the CPU execution mode
   that ``RNNFAST_CUDA_EMULATE=1`` selects: every CUDA thread a fiber.
 
-``python -m rnnfast.build`` builds the GPU library ahead of time and prints its path (``--emulate``: the emulation's);
-otherwise the ``cuda`` backend builds on first use. Every build setting is read here, and only here:
+``python -m rnnfast.build`` builds the GPU library ahead of time and prints its path (``--emulate``: the emulation's;
+``--report``: also what the compiler made of each kernel, and the anchors' plans); otherwise the ``cuda`` backend
+builds on first use. Every build setting is read here, and only here:
 
 - ``RNNFAST_CUDA_ARCHS``: compute capabilities to compile for, e.g. ``"80;90"`` or ``"8.0 9.0"`` (default: the
   GPUs found plus 8.0 and 9.0; PTX of the highest is embedded too, for newer GPUs).
@@ -281,16 +282,94 @@ def build(*, emulate: bool = False, verbose: bool = False) -> str:
     return str(library)
 
 
+# -- what the compiler made of the kernels -------------------------------------------------------------------------
+
+CELL_NAMES = ("rnn_tanh", "rnn_relu", "gru", "lstm")  # csrc/rnnfast.h's cell ids
+# How a kernel's mangled name spells its layer dtype (the first template argument).
+_MANGLED_DTYPES = (("I13__nv_bfloat16", "bf16"), ("I6__half", "f16"), ("Iff", "f32"), ("Idd", "f64"))
+
+
+def cuobjdump() -> str | None:
+    """The toolkit's cuobjdump, else the one Triton ships, else the one on PATH."""
+    home = cuda_home()
+    for candidate in ([Path(home) / "bin" / "cuobjdump"] if home else []) + [_triton_tool("cuobjdump")]:
+        if candidate is not None and candidate.exists():
+            return str(candidate)
+    return shutil.which("cuobjdump")
+
+
+def _triton_tool(name: str) -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def kernel_report(library: str) -> list[dict]:
+    """Per kernel of the GPU library: its kind, cell and dtype, registers, stack and local memory (spills),
+    static shared memory, and how many tensor-core (HMMA) and FMA instructions its SASS has."""
+    tool = cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump was not found (CUDA_HOME's bin, Triton's, or PATH)")
+    usage = subprocess.run([tool, "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
+    counts: dict[str, dict[str, int]] = {}
+    name = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            counts.setdefault(name, {"HMMA": 0, "FFMA": 0, "DFMA": 0})
+        elif name is not None:
+            for op in ("HMMA", "FFMA", "DFMA"):
+                if re.search(rf"\b{op}\b", line):
+                    counts[name][op] += 1
+    rows = []
+    for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage):
+        fn = m.group(1)
+        kind = ("forward" if "layer_forward_kernel" in fn else
+                "backward" if "layer_backward_recurrent_kernel" in fn else None)
+        if kind is None:
+            continue
+        cell = re.search(r"Li(\d)EE", fn)
+        dtype = next((d for token, d in _MANGLED_DTYPES if token in fn), "?")
+        rows.append(dict(kind=kind, cell=CELL_NAMES[int(cell.group(1))] if cell else "?", dtype=dtype,
+                         registers=int(m.group(2)), stack=int(m.group(3)), shared=int(m.group(4)),
+                         local=int(m.group(5)), **{k.lower(): v for k, v in counts.get(fn, {}).items()}))
+    return sorted(rows, key=lambda r: (r["cell"], r["dtype"], r["kind"]))
+
+
+def print_report(library: str) -> None:
+    print(f"kernels of {library}:")
+    print(f"  {'cell':9} {'dtype':5} {'kernel':8} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>5} {'HMMA':>5} "
+          f"{'FFMA':>5} {'DFMA':>5}")
+    for r in kernel_report(library):
+        print(f"  {r['cell']:9} {r['dtype']:5} {r['kind']:8} {r['registers']:4} {r['stack']:5} {r['local']:5} "
+              f"{r['shared']:5} {r['hmma']:5} {r['ffma']:5} {r['dfma']:5}")
+    from .backends import cuda  # torch, only for the plans
+
+    print("plans on an H100/H200 (132 multiprocessors, 227 KiB of shared memory a block):")
+    for name, (cell, dtype, B, H) in cuda.ANCHORS.items():
+        p = cuda.anchor_plan(cell, dtype, B, H)
+        print(f"  ({name}) {cell} {str(dtype)[6:]} B={B} H={H}: {p}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m rnnfast.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
     parser.add_argument("--emulate", action="store_true", help="build the CPU emulation library instead")
+    parser.add_argument("--report", action="store_true",
+                        help="also print registers, shared memory, spills and tensor-core instructions per kernel of "
+                             "the GPU library, and the plans for the anchors on an H100/H200")
     args = parser.parse_args(argv)
     try:
         path = build(emulate=args.emulate, verbose=args.verbose)
-    except (RuntimeError, ValueError, OSError) as exc:
+        if args.report and not args.emulate:
+            print_report(path)
+    except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as exc:
         print(f"rnnfast.build: {exc}", file=sys.stderr)
         return 1
     print(path)

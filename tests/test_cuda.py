@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import rnnfast
-from rnnfast import backends, build, ops
+from rnnfast import backends, build, ops, reference
 from rnnfast.backends import cuda as rc
 from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, layer_inputs,
                       make_layer_inputs, reference_layer, torch_nn_layer)
@@ -366,6 +366,27 @@ def test_half_precision_within_cudnn_baseline(library, cell, dtype, mode, revers
         assert_within_baseline(o, r, b, msg=f"{cell} {mode} {dtype} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_tensor_cores_with_several_units_a_block(library, cell, dtype, poisoned_cuda):
+    """Blocks of 3 units: the forward's N = G*3 columns and the backward's W_hh^T slice of 3 columns go to tensor
+    cores, each product's K split over the warps; outputs and every gradient within the cuDNN baseline."""
+    T, B, I, H = 4, 5, 9, 300
+    block_h = rc.plan(cell, H, dtype, DEVICE)[0]
+    assert block_h == 3
+    assert rc.use_tensor_cores(cell, B, H, dtype, DEVICE, block_h)
+    assert rc.use_tensor_cores(cell, B, H, dtype, DEVICE, block_h, "backward")
+    a = _inputs(cell, T, B, I, H, dtype, seed=7, scale=0.5 / math.sqrt(H))
+    up = _upstream(cell, T, B, H, dtype)
+    outs, grads = _run_backend(cell, a, True, "hoisted", up)
+    ref_outs, ref_grads = reference_layer(cell, a, True, up)
+    base_outs, base_grads = _cudnn(cell, a, True, up)
+    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
+                             base_outs + base_grads):
+        if r is not None:
+            assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_tensor_cores_at_benchmark_size(library, cell):
@@ -518,3 +539,45 @@ def test_gpu_matches_the_emulation_on_the_same_inputs(library, tmp_path):
             assert (gpu is None) == (cpu is None), (cell, i)
             if gpu is not None:
                 assert_close(gpu.cpu(), cpu, msg=f"{cell} {mode} output {i}: GPU against the emulation")
+
+
+# -- what the compiler made of the kernels (SASS of the GPU library, built here for sm_90) -------------------------
+
+@pytest.mark.slow
+def test_half_kernels_use_tensor_cores_forward_and_backward_and_nothing_spills(gpu_library):
+    rows = build.kernel_report(gpu_library)
+    assert {(r["cell"], r["dtype"], r["kind"]) for r in rows} == {
+        (c, d, k) for c in CELLS for d in ("f16", "bf16", "f32", "f64") for k in ("forward", "backward")}
+    for r in rows:
+        name = f"{r['cell']} {r['dtype']} {r['kind']}"
+        assert r["local"] == 0 and r["stack"] == 0, f"{name}: spills to local memory ({r})"
+        if r["dtype"] in ("f16", "bf16"):
+            assert r["hmma"] > 0, f"{name}: no tensor-core instruction"
+        else:
+            assert r["hmma"] == 0, f"{name}: IEEE {r['dtype']} must not round its operands on tensor cores"
+
+
+@pytest.mark.slow
+def test_build_report_prints_each_kernel_and_the_anchor_plans(gpu_library, monkeypatch, capsys):
+    if not HAS_GPU:
+        monkeypatch.setenv(build.ENV_ARCHS, CI_ARCHS)
+    assert build.main(["--report"]) == 0
+    out = capsys.readouterr().out
+    assert "HMMA" in out and out.strip().endswith(gpu_library)
+    for anchor in ("(a) lstm bfloat16 B=16 H=768: 128 blocks x 6 units, forward WMMA", "(b) lstm float32",
+                   "(c) gru bfloat16 B=256 H=1024"):
+        assert anchor in out
+
+
+def test_shared_memory_of_a_plan_is_the_library_s_own(library):
+    """Python decides tensor cores from the same shared-memory size the library launches with."""
+    ids = {c: i for i, c in enumerate(CELLS)}
+    for cell in CELLS:
+        for dtype, did in ((torch.float16, 2), (torch.bfloat16, 3)):
+            for B, H, bh in ((1, 37, 1), (20, 37, 3), (16, 768, 6), (64, 512, 4)):
+                G = reference.GATES[cell]
+                assert library.rnnfast_forward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
+                    rc.mma_smem_bytes(2, B, G * bh, H), (cell, B, H, bh)
+                assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
+                    rc.mma_smem_bytes(2, B, bh, G * H), (cell, B, H, bh)
+                assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 0) == 2 * G * bh * H

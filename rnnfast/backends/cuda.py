@@ -11,7 +11,8 @@ slice of ``W_hh`` in shared memory; :func:`plan` picks ``block_h`` so that every
 multiprocessor), or refuses the layer when the slice does not fit; the library checks co-residency again at launch
 and refuses with the reason. Allocation, the GEMMs, validation and dispatch stay here, in Python.
 
-float16/bfloat16 layers run the forward's recurrent product on tensor cores (WMMA) when the tiles fit shared memory
+float16/bfloat16 layers run the recurrent products of the forward (``h_{t-1} W_hh^T``) and of the backward
+(``d_hid W_hh``) on tensor cores (WMMA, K split over the warps) when the tiles fit shared memory
 (:data:`TENSOR_CORES`); everything else is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
 
 ``RNNFAST_CUDA_EMULATE=1`` (read at import) runs the same kernel source on CPU tensors instead: the library built by
@@ -37,9 +38,9 @@ from . import (BackendUnavailableError, KernelBackend, LayerGrads, LayerOutputs,
                kernel_layer_problem, register)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The forward's recurrent product runs on tensor cores (WMMA) for these when its tiles fit shared memory; h_{t-1}
-# is then rounded to the layer's dtype for the product, as cuDNN does. Set to False to use the FMA path, which
-# keeps h in fp32 like the reference.
+# The recurrent products run on tensor cores (WMMA) for these when their tiles fit shared memory; their A operand
+# (h_{t-1}, or the step's gate gradients) is then rounded to the layer's dtype for the product, as cuDNN does. Set to
+# False to use the FMA path, which keeps it in fp32 like the reference.
 TENSOR_CORES = True
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -47,7 +48,7 @@ ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
 # The GPU the emulation stands for (csrc/primitives.cuh: kEmulatedSMs, kEmulatedSmemOptin).
 EMULATED_DEVICE = (132, 232448, 9, 0, "CPU emulation of an sm_90 GPU")
-ABI_VERSION = 1  # csrc/capi.h, RNNFAST_ABI_VERSION
+ABI_VERSION = 2  # csrc/capi.h, RNNFAST_ABI_VERSION
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 _STATUS = {1: "invalid argument", 2: "refused", 3: "CUDA error", 4: "emulation error"}
 REFUSED = 2
@@ -67,7 +68,8 @@ class BackwardParams(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
                                                "dh", "dc", "direct")] + \
-               [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h")] + [("reverse", ctypes.c_int32)]
+               [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h")] + \
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -119,6 +121,10 @@ def plan(cell: str, H: int, dtype: torch.dtype, device: torch.device) -> tuple[i
     """``(block_h, reason)``: hidden units per block so that there is at most one block per multiprocessor (all
     co-resident for the grid barrier), and None, or the reason the ``W_hh`` slice does not fit shared memory."""
     sms, limit, _, _, gpu = _device_facts(device.index)
+    return _plan(cell, H, dtype, sms, limit, gpu)
+
+
+def _plan(cell: str, H: int, dtype: torch.dtype, sms: int, limit: int, gpu: str) -> tuple[int, str | None]:
     block_h = max(1, -(-H // sms))
     need = GATES[cell] * block_h * H * _ITEMSIZE[dtype]
     if need > limit:
@@ -132,14 +138,52 @@ def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, block_h: int) -> bool:
-    """Whether the forward's recurrent product goes to tensor cores: a half dtype, :data:`TENSOR_CORES`, and the
-    padded W slice, h_{t-1} and fp32 product fitting shared memory (csrc/layer.cuh, forward_smem_bytes)."""
+_WARPS = 8  # csrc/rnnfast.h: kThreads / 32
+
+
+def mma_smem_bytes(itemsize: int, M: int, N: int, K: int) -> int:
+    """csrc/layer.cuh, mma_smem_bytes: shared memory of a WMMA product M x K by K x N, its K split across the
+    warps (mma_splits). tests/test_cuda.py checks this against the library's own."""
+    m, n, k = _pad16(M), _pad16(N), _pad16(K)
+    tiles = (m // 16) * (n // 16)
+    splits = min(1 if tiles >= _WARPS else _WARPS // tiles, k // 16)
+    return itemsize * (n + m) * (k + 8) + 4 * m * n * splits
+
+
+def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, block_h: int,
+                     kind: str = "forward") -> bool:
+    """Whether the recurrent product of the ``kind`` kernel ("forward": h_{t-1} W_hh^T; "backward": d_hid W_hh)
+    goes to tensor cores: a half dtype, :data:`TENSOR_CORES`, and the padded operands and fp32 partial products
+    fitting shared memory."""
     if not TENSOR_CORES or dtype not in MMA_DTYPES:
         return False
-    m, n, k_ld = _pad16(B), _pad16(GATES[cell] * block_h), _pad16(H) + 8
-    need = _ITEMSIZE[dtype] * (n + m) * k_ld + 4 * m * n
-    return need <= _device_facts(device.index)[1]
+    G = GATES[cell]
+    M, N, K = (B, G * block_h, H) if kind == "forward" else (B, block_h, G * H)
+    return mma_smem_bytes(_ITEMSIZE[dtype], M, N, K) <= _device_facts(device.index)[1]
+
+
+# The issue's anchors (cell, dtype, B, H): (a) LSTM bf16 B=16 H=768, (b) LSTM fp32 B=64 H=512, (c) GRU bf16 B=256
+# H=1024.
+ANCHORS = {"a": ("lstm", torch.bfloat16, 16, 768), "b": ("lstm", torch.float32, 64, 512),
+           "c": ("gru", torch.bfloat16, 256, 1024)}
+H100 = (132, 232448)  # multiprocessors, shared memory bytes a block (opt-in)
+
+
+def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> str:
+    """What the backend does with a layer on a GPU of ``device = (multiprocessors, shared bytes a block)``: the
+    blocks, units a block, and which recurrent products run on tensor cores, or its refusal."""
+    sms, limit = device
+    block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
+    if reason is not None:
+        return f"refused: {reason}"
+    G = GATES[cell]
+    out = [f"{-(-H // block_h)} blocks x {block_h} units"]
+    for kind, (M, N, K) in (("forward", (B, G * block_h, H)), ("backward", (B, block_h, G * H))):
+        need = mma_smem_bytes(_ITEMSIZE[dtype], M, N, K)
+        mma = dtype in MMA_DTYPES and need <= limit
+        out.append(f"{kind} {'WMMA' if mma else 'FMA'}"
+                   + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES else ""))
+    return ", ".join(out)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -148,6 +192,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rnnfast_last_error.restype = ctypes.c_char_p
     lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.rnnfast_grid_barrier.restype = ctypes.c_int
+    lib.rnnfast_forward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rnnfast_backward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rnnfast_forward_smem_bytes.restype = lib.rnnfast_backward_smem_bytes.restype = ctypes.c_size_t
     for cell in GATES:
         for suffix in _DTYPE_SUFFIX.values():
             fwd, bwd = getattr(lib, f"rnnfast_{cell}_forward_{suffix}"), getattr(lib, f"rnnfast_{cell}_backward_{suffix}")
@@ -337,10 +384,11 @@ class CudaBackend(KernelBackend):
         direct = torch.empty(B, H, dtype=ct, device=dev)
         grad_y = grads.y.to(dt).contiguous()
         lengths = _lengths(a.lengths, x)
+        block_h = _block_h(cell, H, x)
         p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
                            hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
-                           direct=_ptr(direct), T=T, B=B, H=H, block_h=_block_h(cell, H, x),
-                           reverse=int(bool(a.reverse)))
+                           direct=_ptr(direct), T=T, B=B, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
+                           tensor_cores=int(use_tensor_cores(cell, B, H, dt, dev, block_h, "backward")))
         fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():
             _check(fn(ctypes.byref(p), _stream(dev)), f"{cell} backward")
