@@ -49,9 +49,10 @@ typedef struct {
   void* y;              /* (T, B, H) dtype, out */
   void* h_n;            /* (B, H) dtype, out */
   void* c_n;            /* (B, H) dtype, out, LSTM only */
-  void* gates;          /* (T, B, GW*H) acc, out: the workspace's gate planes */
-  void* hs;             /* (T, B, H) acc: state entering each step; the first step's slot holds h0 on entry */
+  void* gates;          /* (T, B, GW*H) dtype, out: the workspace's gate planes */
+  void* hs;             /* (T, B, H) dtype: state entering each step; the first step's slot holds h0 on entry */
   void* cs;             /* (T, B, H) acc, LSTM only; likewise c0 */
+  void* hc;             /* (B, H) acc: h0 on entry, the last state on exit (each unit's own state, unrounded) */
   int64_t T, B, I, H;
   int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
   int32_t reverse;
@@ -62,11 +63,11 @@ typedef struct {
   const void* grad_y;   /* (T, B, H) dtype */
   const void* w_hh;     /* (G*H, H) dtype */
   const int64_t* lengths;
-  const void* gates;    /* the forward's workspace planes, acc */
+  const void* gates;    /* the forward's workspace planes: gates and hs in dtype, cs in acc */
   const void* hs;
   const void* cs;       /* LSTM only */
-  void* d_in;           /* (T, B, G*H) acc, out: gradient of the input-part pre-activations */
-  void* d_hid;          /* (T, B, G*H) acc, out: of the hidden-part ones; the same buffer as d_in except for GRU */
+  void* d_in;           /* (T, B, G*H) dtype, out: gradient of the input-part pre-activations */
+  void* d_hid;          /* (T, B, G*H) dtype, out: of the hidden-part ones; the same buffer as d_in except for GRU */
   void* dh;             /* (B, H) acc, in: grad_h_n, out: dh0 */
   void* dc;             /* (B, H) acc, LSTM only, in: grad_c_n, out: dc0 */
   void* direct;         /* (B, H) acc scratch */

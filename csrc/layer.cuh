@@ -42,9 +42,10 @@ struct ForwardArgs {
   scalar_t* y;
   scalar_t* h_n;
   scalar_t* c_n;
-  acc_t* gates;
-  acc_t* hs;
+  scalar_t* gates;  // saved in the layer dtype (16 bits for half types)
+  scalar_t* hs;  // the exchange between blocks, in the layer dtype
   acc_t* cs;
+  acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
   int T, B, I, H, HB;
   bool reverse;
   bool tensor_cores;   // only for float16/bfloat16
@@ -58,11 +59,11 @@ struct BackwardArgs {
   const scalar_t* grad_y;
   const scalar_t* w_hh;
   const int64_t* lengths;
-  const acc_t* gates;
-  const acc_t* hs;
+  const scalar_t* gates;
+  const scalar_t* hs;
   const acc_t* cs;
-  acc_t* d_in;
-  acc_t* d_hid;  // == d_in except for GRU
+  scalar_t* d_in;  // in the layer dtype, like the forward's saved gates
+  scalar_t* d_hid;  // == d_in except for GRU; the backward's exchange between blocks
   acc_t* dh;
   acc_t* dc;
   acc_t* direct;
@@ -130,13 +131,13 @@ __host__ __device__ inline size_t mma_product_offset(int m_pad, int n_pad, int k
 }
 
 // The block's recurrent product on tensor cores: prod[m][n] = sum_k a[m][k] W[n][k] for its m_pad x n_pad tile grid
-// (a: M rows of K in acc_t in global memory, written by other blocks before the grid barrier), the K chunks of each
+// (a: M rows of K in global memory, in the layer dtype, written by other blocks before the grid barrier), the K chunks of each
 // tile split into `splits` ranges, one warp per (tile, range), so every warp works even when the tiles are fewer
 // than the warps. Shared memory: W (operand B, [n_pad][k_ld]) at 0, a rounded to mma_t (operand A, row-major
 // [m_pad][k_ld]) after it, the fp32 partial products [splits][m_pad][n_pad] after that (mma_sum adds them up).
 // Ends with a block barrier, so the product is ready for every thread. Columns k_pad..k_ld-1 are never read.
-template <typename mma_t>
-__device__ void mma_recurrent_product(const float* a, unsigned char* smem, int M, int K, int m_pad, int n_pad,
+template <typename mma_t, typename in_t>
+__device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m_pad, int n_pad,
                                       int k_pad, int k_ld, int splits) {
   namespace wmma = rf::wmma;
   const mma_t* wt = reinterpret_cast<const mma_t*>(smem);
@@ -145,7 +146,8 @@ __device__ void mma_recurrent_product(const float* a, unsigned char* smem, int M
   // One warp per row, coalesced; through L2 (ld.cg), never a stale L1 line.
   for (int m = threadIdx.x / 32; m < m_pad; m += blockDim.x / 32) {
     for (int k = threadIdx.x % 32; k < k_pad; k += 32)
-      from_float(m < M && k < K ? rf::ldcg(a + static_cast<int64_t>(m) * K + k) : 0.f, &at[m * k_ld + k]);
+      from_float(m < M && k < K ? static_cast<float>(rf::ldcg(a + static_cast<int64_t>(m) * K + k)) : 0.f,
+                 &at[m * k_ld + k]);
   }
   rf::sync_block();
   const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles, chunks = k_pad / 16;
@@ -238,7 +240,7 @@ __device__ __forceinline__ T lstm_update_backward(T dh, T dc, T c, T gi, T gf, T
 template <int CELL, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t>& p, int t, int t_next, bool last,
                                                int b, int j, const acc_t (&ah)[gates_of(CELL)],
-                                               acc_t (&ax)[gates_of(CELL)], const acc_t* h_row) {
+                                               acc_t (&ax)[gates_of(CELL)]) {
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   const int B = p.B, H = p.H, GH = G * H;
@@ -249,35 +251,36 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     if (p.gx != nullptr) ax[g] = p.gx[tb * GH + g * H + j];
     else if (p.bias != nullptr) ax[g] += p.bias[g * H + j];
   }
-  acc_t* gt = p.gates + tb * GW * H;
-  const acc_t h_prev = rf::ldcg(h_row + j);
+  scalar_t* gt = p.gates + tb * GW * H;
+  const int64_t bj = static_cast<int64_t>(b) * H + j;
+  const acc_t h_prev = p.hc[bj];  // this thread's own write of the step before (h0 at the first)
   acc_t h_new, c_new = acc_t(0), c_prev = acc_t(0);
   if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
     h_new = rnn_update(ax[0] + ah[0], CELL == kRnnRelu);
-    gt[j] = h_new;
+    gt[j] = static_cast<scalar_t>(h_new);
   } else if constexpr (CELL == kGru) {
     const acc_t gh_n = ah[2] + (p.b_hn != nullptr ? p.b_hn[j] : acc_t(0));
     acc_t r, z, n;
     h_new = gru_update(ax[0], ax[1], ax[2], ah[0], ah[1], gh_n, h_prev, r, z, n);
-    gt[j] = r;
-    gt[H + j] = z;
-    gt[2 * H + j] = n;
-    gt[3 * H + j] = gh_n;
+    gt[j] = static_cast<scalar_t>(r);
+    gt[H + j] = static_cast<scalar_t>(z);
+    gt[2 * H + j] = static_cast<scalar_t>(n);
+    gt[3 * H + j] = static_cast<scalar_t>(gh_n);
   } else {  // LSTM, gates i, f, g, o
     c_prev = p.cs[t * BH + static_cast<int64_t>(b) * H + j];
     acc_t gi, gf, gg, go;
     h_new = lstm_update(ax[0] + ah[0], ax[1] + ah[1], ax[2] + ah[2], ax[3] + ah[3], c_prev, c_new, gi, gf, gg, go);
-    gt[j] = gi;
-    gt[H + j] = gf;
-    gt[2 * H + j] = gg;
-    gt[3 * H + j] = go;
+    gt[j] = static_cast<scalar_t>(gi);
+    gt[H + j] = static_cast<scalar_t>(gf);
+    gt[2 * H + j] = static_cast<scalar_t>(gg);
+    gt[3 * H + j] = static_cast<scalar_t>(go);
   }
   // A padded step outputs zero and keeps the state.
   const bool active = is_active(p.lengths, t, b);
   const acc_t h_out = active ? h_new : h_prev;
-  const int64_t bj = static_cast<int64_t>(b) * H + j;
   p.y[tb * H + j] = static_cast<scalar_t>(active ? h_new : acc_t(0));
-  if (!last) p.hs[t_next * BH + bj] = h_out;
+  p.hc[bj] = h_out;
+  if (!last) p.hs[t_next * BH + bj] = static_cast<scalar_t>(h_out);
   else p.h_n[bj] = static_cast<scalar_t>(h_out);
   if constexpr (CELL == kLstm) {
     const acc_t c_out = active ? c_new : c_prev;
@@ -331,7 +334,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
     const bool last = s == T - 1;
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
-    const acc_t* h_in = p.hs + t * BH;
+    const scalar_t* h_in = p.hs + t * BH;
     if constexpr (kHasMma) {
       if (tc) {
         mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld, p.splits);
@@ -345,7 +348,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
               ah[g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jl));
               ax[g] = acc_t(0);
             }
-            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, h_in + static_cast<int64_t>(b) * H);
+            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax);
           }
           if (!last) rf::sync_grid();
           continue;
@@ -356,7 +359,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     const int chunks = (nj + kUnits - 1) / kUnits;
     for (int item = warp; item < B * chunks; item += kWarps) {
       const int b = item / chunks, jc = (item % chunks) * kUnits;
-      const acc_t* h_row = h_in + static_cast<int64_t>(b) * H;
+      const scalar_t* h_row = h_in + static_cast<int64_t>(b) * H;
       acc_t ah[kUnits][G], ax[kUnits][G];  // hidden and input parts of the pre-activations
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
@@ -365,7 +368,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
       }
       if (!tc) {
         for (int k = lane; k < H; k += 32) {
-          const acc_t hv = rf::ldcg(h_row + k);
+          const acc_t hv = static_cast<acc_t>(rf::ldcg(h_row + k));
 #pragma unroll
           for (int u = 0; u < kUnits; ++u) {
             if (jc + u < nj) {
@@ -409,7 +412,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
             for (int g = 0; g < G; ++g)
               ah[u][g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jc + u));
           }
-          forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u], h_row);
+          forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u]);
         }
       }
     }
@@ -472,32 +475,34 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
       const bool active = is_active(p.lengths, t, b);
       const acc_t dh_cur = p.dh[bj];
       const acc_t dh_t = active ? dh_cur + static_cast<acc_t>(p.grad_y[tb * H + j]) : acc_t(0);
-      const acc_t* gt = p.gates + tb * GW * H;
-      acc_t* din = p.d_in + tb * GH;
-      acc_t* dhid = p.d_hid + tb * GH;
+      const scalar_t* gt = p.gates + tb * GW * H;
+      scalar_t* din = p.d_in + tb * GH;
+      scalar_t* dhid = p.d_hid + tb * GH;
+      auto g_ = [&](int i) { return static_cast<acc_t>(gt[i]); };
+      auto put = [](scalar_t* q, int i, acc_t v) { q[i] = static_cast<scalar_t>(v); };
       acc_t direct = acc_t(0);  // the part of dh_prev that does not pass through W_hh
       if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
-        din[j] = rnn_update_backward(dh_t, gt[j], CELL == kRnnRelu);
+        put(din, j, rnn_update_backward(dh_t, g_(j), CELL == kRnnRelu));
       } else if constexpr (CELL == kGru) {
-        const acc_t r = gt[j], z = gt[H + j], n = gt[2 * H + j], gh_n = gt[3 * H + j];
-        const acc_t h_prev = p.hs[t * BH + bj];
+        const acc_t r = g_(j), z = g_(H + j), n = g_(2 * H + j), gh_n = g_(3 * H + j);
+        const acc_t h_prev = static_cast<acc_t>(p.hs[t * BH + bj]);
         acc_t dr, dz, dn;
         direct = gru_update_backward(dh_t, h_prev, r, z, n, gh_n, dr, dz, dn);
-        din[j] = dr;
-        din[H + j] = dz;
-        din[2 * H + j] = dn;
-        dhid[j] = dr;
-        dhid[H + j] = dz;
-        dhid[2 * H + j] = dn * r;
+        put(din, j, dr);
+        put(din, H + j, dz);
+        put(din, 2 * H + j, dn);
+        put(dhid, j, dr);
+        put(dhid, H + j, dz);
+        put(dhid, 2 * H + j, dn * r);
       } else {  // LSTM
-        const acc_t gi = gt[j], gf = gt[H + j], gg = gt[2 * H + j], go = gt[3 * H + j];
+        const acc_t gi = g_(j), gf = g_(H + j), gg = g_(2 * H + j), go = g_(3 * H + j);
         const acc_t c_prev = p.cs[t * BH + bj];
         const acc_t dc_cur = p.dc[bj];
         acc_t d[4];
         // dh_t is zero at a padded step, and dc is masked, so that step's gate gradients are zero.
         const acc_t dc_prev = lstm_update_backward(dh_t, active ? dc_cur : acc_t(0), c_prev, gi, gf, gg, go, d);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) din[q * H + j] = d[q];
+        for (int q = 0; q < 4; ++q) put(din, q * H + j, d[q]);
         // A padded step passes the state, and so its gradient, through unchanged.
         p.dc[bj] = active ? dc_prev : dc_cur;
       }
@@ -527,12 +532,12 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
     for (int item = warp; item < B * chunks; item += kWarps) {
       const int b = item / chunks, kc = (item % chunks) * kUnits;
       const int64_t tb = static_cast<int64_t>(t) * B + b;
-      const acc_t* dr = p.d_hid + tb * GH;
+      const scalar_t* dr = p.d_hid + tb * GH;
       acc_t acc[kUnits];
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) acc[u] = acc_t(0);
       for (int r = lane; r < GH; r += 32) {
-        const acc_t dv = rf::ldcg(dr + r);
+        const acc_t dv = static_cast<acc_t>(rf::ldcg(dr + r));
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
           if (kc + u < nk) acc[u] += dv * static_cast<acc_t>(w_s[(kc + u) * GH + r]);
@@ -573,6 +578,7 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
     return invalid(what, "sizes must be non-negative and block_h at least 1");
   if (a->B == 0 || a->H == 0 || a->T == 0) return RNNFAST_OK;
   if (a->w_hh == nullptr || a->y == nullptr || a->h_n == nullptr || a->gates == nullptr || a->hs == nullptr ||
+      a->hc == nullptr ||
       (a->gx == nullptr && (a->x == nullptr || a->w_ih == nullptr)) ||
       (CELL == kLstm && (a->cs == nullptr || a->c_n == nullptr)))
     return invalid(what, "a required buffer is null");
@@ -588,9 +594,10 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.y = static_cast<scalar_t*>(a->y);
   p.h_n = static_cast<scalar_t*>(a->h_n);
   p.c_n = static_cast<scalar_t*>(a->c_n);
-  p.gates = static_cast<acc_t*>(a->gates);
-  p.hs = static_cast<acc_t*>(a->hs);
+  p.gates = static_cast<scalar_t*>(a->gates);
+  p.hs = static_cast<scalar_t*>(a->hs);
   p.cs = static_cast<acc_t*>(a->cs);
+  p.hc = static_cast<acc_t*>(a->hc);
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.I = static_cast<int>(a->I);
@@ -625,11 +632,11 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.grad_y = static_cast<const scalar_t*>(a->grad_y);
   p.w_hh = static_cast<const scalar_t*>(a->w_hh);
   p.lengths = a->lengths;
-  p.gates = static_cast<const acc_t*>(a->gates);
-  p.hs = static_cast<const acc_t*>(a->hs);
+  p.gates = static_cast<const scalar_t*>(a->gates);
+  p.hs = static_cast<const scalar_t*>(a->hs);
   p.cs = static_cast<const acc_t*>(a->cs);
-  p.d_in = static_cast<acc_t*>(a->d_in);
-  p.d_hid = static_cast<acc_t*>(a->d_hid);
+  p.d_in = static_cast<scalar_t*>(a->d_in);
+  p.d_hid = static_cast<scalar_t*>(a->d_hid);
   p.dh = static_cast<acc_t*>(a->dh);
   p.dc = static_cast<acc_t*>(a->dc);
   p.direct = static_cast<acc_t*>(a->direct);

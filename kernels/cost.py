@@ -1,4 +1,4 @@
-"""A per-step cost model of the Triton kernels' plans: what one time step of the persistent schedule costs on one
+"""A per-step cost model of the kernels' plans (Triton's, and the CUDA library's in :func:`cuda_kernel_step`): what one time step of the persistent schedule costs on one
 multiprocessor, in four serial parts. A **prediction**, never a measurement: the constants below are assumptions
 about an H100/H200 (public figures and the usual microbenchmark values), to be replaced by what ``bench.barrier``
 and ``python -m bench`` measure once a GPU has run the kernels.
@@ -75,3 +75,40 @@ def predict(cell: str, dtype: torch.dtype, B: int, I: int, H: int, plan: backend
 
 def explain(pred: dict) -> str:
     return " + ".join(f"{k} {pred[k]:.2f}" for k in ("load", "mma", "epilogue", "sync"))
+
+
+FMA_PER_SM_PER_CYCLE = {torch.float32: 128, torch.float64: 64}  # CUDA-core FMA lanes of one SM (H100)
+FMA_EFFICIENCY = 0.25  # the FMA loops' share of that peak: shared-memory operands, a shuffle reduction per chunk
+
+
+def cuda_kernel_step(kind: str, cell: str, dtype: torch.dtype, B: int, H: int, block_h: int, tensor_cores: bool,
+                     sms: int = 132, hoisted: bool = True) -> dict:
+    """Predicted µs of one step of the CUDA library's persistent kernels (csrc/layer.cuh): ``ceil(H / block_h)``
+    blocks, one a multiprocessor, each with the whole batch; the A operand (``h_{t-1}``, or the step's gate
+    gradients backward, in the layer dtype) read from L2 each step; the product on WMMA (K split over 8 warps) or FMA; one grid
+    barrier. The same four parts as :func:`kernel_step`."""
+    G = GATES[cell]
+    es = torch.empty((), dtype=dtype).element_size()
+    blocks = math.ceil(H / block_h)
+    K, N = (H, G * block_h) if kind == "forward" else (G * H, block_h)
+    in_bytes = B * G * block_h * 4 if (kind == "forward" and hoisted) else 0  # gx (fp32) of the block's units
+    if kind == "backward":
+        in_bytes = B * block_h * (es * (backend.gate_planes(cell) + 1) + 8)  # saved gates, dy; dh, direct (fp32)
+    program_bytes = B * K * es + in_bytes  # the exchange (h, or the gate gradients) is in the layer dtype
+    load = L2_LATENCY_S + max(blocks * program_bytes / L2_BYTES_PER_S, program_bytes / SM_L2_BYTES_PER_S)
+    m_pad, n_pad, k_pad = (math.ceil(v / 16) * 16 for v in (B, N, K))
+    if tensor_cores:
+        tiles = (m_pad // 16) * (n_pad // 16)
+        splits = min(1 if tiles >= 8 else 8 // tiles, k_pad // 16)
+        per_warp = math.ceil(tiles * splits / 8) * (k_pad // 16) / splits  # dependent WMMAs on the busiest warp
+        flops = 2 * m_pad * n_pad * k_pad
+        mma = max(per_warp * MMA_LATENCY_CYCLES / CLOCK_HZ, flops / MMA_FLOPS_PER_SM[dtype])
+        epilogue = math.ceil(B * block_h / 256) * EPILOGUE_CYCLES / CLOCK_HZ
+    else:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        fmas = B * N * K
+        mma = fmas / (FMA_PER_SM_PER_CYCLE[acc] * FMA_EFFICIENCY * CLOCK_HZ)
+        # One lane of a warp updates a unit after the shuffle sums: (sequence, chunk) items over 8 warps.
+        epilogue = math.ceil(B * math.ceil(block_h / 8) / 8) * 8 * EPILOGUE_CYCLES / 4 / CLOCK_HZ
+    parts = dict(load=load, mma=mma, epilogue=epilogue, sync=GRID_BARRIER_S if blocks > 1 else 0.0)
+    return dict(us=1e6 * sum(parts.values()), **{k: 1e6 * v for k, v in parts.items()})

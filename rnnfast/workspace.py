@@ -1,16 +1,19 @@
-"""What the kernel backends (``triton``, ``cuda``) share about a layer: the forward's workspace and bias folding.
+"""What the kernel backends (``triton``, ``cuda``) share about a layer: the forward's workspace, bias folding, the
+hoisted input product and the gradient GEMMs.
 
-Workspace (one flat tensor in the compute dtype: float32 for half inputs, else the input dtype), indexed by time:
-``gates (T, B, GW*H)`` the activated gates (GRU adds a fourth plane, ``W_hn h + b_hn``, which the ``r`` gradient
-needs), ``hs (T, B, H)`` the state entering each step (``h0`` at the first step; carried over padded steps), which
-is also what the ``W_hh`` gradient multiplies, and for LSTM ``cs (T, B, H)``, the same for the cell state.
+Workspace: one byte tensor, its parts on 256-byte boundaries, each stacked along a leading direction axis and
+indexed by time: ``gates (T, B, GW*H)`` the activated gates (GRU adds a fourth plane, ``W_hn h + b_hn``, which the
+``r`` gradient needs) and ``hs (T, B, H)`` the state entering each step (``h0`` at the first step; carried over
+padded steps), which is also what the ``W_hh`` gradient multiplies and what the blocks or programs exchange, both in
+the layer dtype (16 bits for half types); for LSTM ``cs (T, B, H)``, the same for the cell state, in the compute
+dtype (fp32 for half types).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import GATES
+from .reference import GATES, compute_dtype
 
 
 def gate_planes(cell: str) -> int:
@@ -18,18 +21,44 @@ def gate_planes(cell: str) -> int:
     return 4 if cell == "gru" else GATES[cell]
 
 
-def workspace_numel(cell: str, T: int, B: int, H: int) -> int:
-    return T * B * H * (gate_planes(cell) + 1 + (1 if cell == "lstm" else 0))
+def _parts(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
+    ct = compute_dtype(dt)
+    parts = [("gates", (dirs, T, B, gate_planes(cell) * H), dt), ("hs", (dirs, T, B, H), dt)]
+    if cell == "lstm":
+        parts.append(("cs", (dirs, T, B, H), ct))
+    return parts
 
 
-def split_workspace(cell: str, ws: torch.Tensor, T: int, B: int, H: int):
-    """Views ``(gates, hs, cs)`` of a flat workspace; ``cs`` is None except for LSTM."""
-    GW = gate_planes(cell)
-    n = T * B * H
-    gates = ws[: GW * n].view(T, B, GW * H)
-    hs = ws[GW * n:(GW + 1) * n].view(T, B, H)
-    cs = ws[(GW + 1) * n:(GW + 2) * n].view(T, B, H) if cell == "lstm" else None
-    return gates, hs, cs
+def _nbytes(shape, dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def _align(n: int) -> int:
+    return (n + 255) // 256 * 256  # every part on a 256-byte boundary: every pointer is 16-byte divisible
+
+
+def workspace_bytes(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype) -> int:
+    return sum(_align(_nbytes(s, d)) for _, s, d in _parts(cell, dirs, T, B, H, dt))
+
+
+def split_workspace(cell: str, ws: torch.Tensor, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
+    """Views ``(gates, hs, cs)`` of a byte workspace, each ``(dirs, ...)``; ``cs`` is None except for LSTM."""
+    views, off = {}, 0
+    for name, shape, d in _parts(cell, dirs, T, B, H, dt):
+        n = _nbytes(shape, d)
+        views[name] = ws[off:off + n].view(d).view(shape)
+        off += _align(n)
+    return views["gates"], views["hs"], views.get("cs")
+
+
+def zero_gaps(cell: str, ws: torch.Tensor, dirs: int, T: int, B: int, H: int, dt: torch.dtype) -> None:
+    """Zero the alignment padding between the parts, so that the whole workspace is defined (it is an op's output)."""
+    off = 0
+    for _, shape, d in _parts(cell, dirs, T, B, H, dt):
+        n = _nbytes(shape, d)
+        if _align(n) > n:
+            ws[off + n:off + _align(n)].zero_()
+        off += _align(n)
 
 
 def fold_biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):

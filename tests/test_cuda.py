@@ -200,14 +200,14 @@ def test_library_refuses_what_cannot_be_co_resident(library):
     in the error that Python raises."""
     a = _inputs("rnn_tanh", 2, 1, 1, 300, torch.float32, seed=0, scale=0.01)
     T, B, H = 2, 1, 300
-    ws = torch.zeros(rc.workspace_numel("rnn_tanh", T, B, H), dtype=torch.float32, device=DEVICE)
-    y, h_n = torch.empty(T, B, H, device=DEVICE), torch.empty(B, H, device=DEVICE)
+    ws = torch.zeros(2 * T * B * H, dtype=torch.float32, device=DEVICE)  # gates, hs
+    y, h_n, hc = torch.empty(T, B, H, device=DEVICE), torch.empty(B, H, device=DEVICE), torch.zeros(B, H, device=DEVICE)
     gx = torch.zeros(T, B, H, device=DEVICE)
 
     def params(block_h):
         return rc.ForwardParams(gx=gx.data_ptr(), w_hh=a["w_hh"].data_ptr(), y=y.data_ptr(), h_n=h_n.data_ptr(),
-                                gates=ws.data_ptr(), hs=ws[T * B * H:].data_ptr(), T=T, B=B, I=1, H=H,
-                                block_h=block_h)
+                                gates=ws.data_ptr(), hs=ws[T * B * H:].data_ptr(), hc=hc.data_ptr(), T=T, B=B, I=1,
+                                H=H, block_h=block_h)
 
     fn = library.rnnfast_rnn_tanh_forward_f32
     with pytest.raises(backends.BackendUnavailableError, match="must be resident at once"):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..reference import GATES, compute_dtype
-from ..workspace import workspace_numel
+from ..reference import GATES
+from ..workspace import workspace_bytes
 
 # Every backend rnnfast knows by name. "torch" is the module "native" (a submodule named torch would replace the
 # name torch in this package).
@@ -176,8 +176,8 @@ class KernelBackend(Backend):
 
     def workspace(self, inputs):
         T, B = inputs.x.shape[0], inputs.x.shape[1]
-        return inputs.x.new_empty(workspace_numel(inputs.cell, T, B, inputs.w_hh.shape[1]),
-                                  dtype=compute_dtype(inputs.x.dtype))
+        return inputs.x.new_empty(workspace_bytes(inputs.cell, 1, T, B, inputs.w_hh.shape[1], inputs.x.dtype),
+                                  dtype=torch.uint8)
 
 
 def kernel_layer_problem(spec: LayerSpec, dtypes: tuple[torch.dtype, ...], unit: str) -> str | None:

@@ -33,7 +33,8 @@ import threading
 import torch
 
 from ..reference import GATES, compute_dtype
-from ..workspace import fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_numel
+from ..workspace import (fold_biases, hoisted_input, input_and_weight_grads, split_workspace, workspace_bytes,
+                         zero_gaps)
 from . import (BackendUnavailableError, KernelBackend, LayerGrads, LayerOutputs, constant_under_compile,
                kernel_layer_problem, register)
 
@@ -58,7 +59,7 @@ class ForwardParams(ctypes.Structure):
     """``rnnfast_forward_params`` of csrc/capi.h, field for field."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
-                                               "c_n", "gates", "hs", "cs")] + \
+                                               "c_n", "gates", "hs", "cs", "hc")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
@@ -184,6 +185,23 @@ def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> s
         out.append(f"{kind} {'WMMA' if mma else 'FMA'}"
                    + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES else ""))
     return ", ".join(out)
+
+
+def anchor_prediction(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> dict:
+    """The per-step cost model's prediction (:func:`rnnfast.kernels.cost.cuda_kernel_step`) for the plan of
+    :func:`anchor_plan`: ``{kind: {us, load, mma, epilogue, sync}}``; empty when the layer is refused."""
+    from ..kernels import cost
+
+    sms, limit = device
+    block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
+    if reason is not None:
+        return {}
+    G = GATES[cell]
+    out = {}
+    for kind, (M, N, K) in (("forward", (B, G * block_h, H)), ("backward", (B, block_h, G * H))):
+        mma = dtype in MMA_DTYPES and mma_smem_bytes(_ITEMSIZE[dtype], M, N, K) <= limit
+        out[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, mma, sms)
+    return out
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -351,16 +369,18 @@ class CudaBackend(KernelBackend):
         y = torch.empty(T, B, H, dtype=dt, device=x.device)
         h_n = torch.empty(B, H, dtype=dt, device=x.device)
         c_n = torch.empty(B, H, dtype=dt, device=x.device) if cell == "lstm" else None
-        ws = torch.empty(workspace_numel(cell, T, B, H), dtype=ct, device=x.device)
-        gates, hs, cs = split_workspace(cell, ws, T, B, H)
+        ws = torch.empty(workspace_bytes(cell, 1, T, B, H, dt), dtype=torch.uint8, device=x.device)
+        gates, hs, cs = (v[0] if v is not None else None for v in split_workspace(cell, ws, 1, T, B, H, dt))
+        zero_gaps(cell, ws, 1, T, B, H, dt)
         t0 = T - 1 if a.reverse else 0
         hs[t0].copy_(a.h0)
+        hc = a.h0.to(ct, copy=True).contiguous()  # each unit's own state, unrounded
         if cs is not None:
             cs[t0].copy_(a.c0)
         lengths = _lengths(a.lengths, x)
         p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
                           lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
-                          hs=_ptr(hs), cs=_ptr(cs), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
+                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
                           tensor_cores=int(use_tensor_cores(cell, B, H, dt, x.device, block_h)))
         fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
@@ -376,8 +396,9 @@ class CudaBackend(KernelBackend):
         H = a.w_hh.shape[1]
         dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
         w_hh = a.w_hh.contiguous()
-        gates, hs, cs = split_workspace(cell, outputs.workspace, T, B, H)
-        d_in = torch.empty(T, B, GATES[cell] * H, dtype=ct, device=dev)
+        gates, hs, cs = (v[0] if v is not None else None
+                         for v in split_workspace(cell, outputs.workspace, 1, T, B, H, dt))
+        d_in = torch.empty(T, B, GATES[cell] * H, dtype=dt, device=dev)
         d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
         dh = grads.h_n.to(ct).contiguous().clone()
         dc = grads.c_n.to(ct).contiguous().clone() if cell == "lstm" else None

@@ -21,7 +21,8 @@ import triton
 
 from ..kernels import layer
 from ..reference import GATES, compute_dtype
-from ..workspace import gate_planes, input_and_weight_grads, widened_addmm
+from ..workspace import (gate_planes, input_and_weight_grads, split_workspace, widened_addmm, workspace_bytes,
+                         zero_gaps)
 from . import KernelBackend, LayerGrads, LayerOutputs, kernel_layer_problem, register
 
 # triton.jit picks the interpreter when the module is imported, so this is fixed for the process.
@@ -368,46 +369,6 @@ def _hoisted(cell, x, w_ihs, b_ihs, b_hhs, H, bh, ct) -> torch.Tensor:
     return gx.view(T, B, -1)
 
 
-# -- workspace -------------------------------------------------------------------------------------------------------
-
-def _workspace_parts(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
-    """``(name, shape, dtype)`` of the forward's workspace: saved gates and states in the layer dtype (16 bits for
-    half types), the LSTM cell state in the compute dtype."""
-    ct = compute_dtype(dt)
-    parts = [("gates", (dirs, T, B, gate_planes(cell) * H), dt), ("hs", (dirs, T, B, H), dt)]
-    if cell == "lstm":
-        parts.append(("cs", (dirs, T, B, H), ct))
-    return parts
-
-
-def _align(n: int) -> int:
-    return (n + 255) // 256 * 256  # each part on a 256-byte boundary: every pointer is 16-byte divisible
-
-
-def workspace_bytes(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype) -> int:
-    return sum(_align(torch.Size(s).numel() * torch.empty((), dtype=d).element_size())
-               for _, s, d in _workspace_parts(cell, dirs, T, B, H, dt))
-
-
-def split_workspace(cell: str, ws: torch.Tensor, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
-    """Views ``(gates, hs, cs)`` of a byte workspace; ``cs`` is None except for LSTM."""
-    views, off = {}, 0
-    for name, shape, d in _workspace_parts(cell, dirs, T, B, H, dt):
-        n = torch.Size(shape).numel() * torch.empty((), dtype=d).element_size()
-        views[name] = ws[off:off + n].view(d).view(shape)
-        off += _align(n)
-    return views["gates"], views["hs"], views.get("cs")
-
-
-def _gaps(cell, ws, dirs, T, B, H, dt):
-    off = 0
-    for name, shape, d in _workspace_parts(cell, dirs, T, B, H, dt):
-        n = torch.Size(shape).numel() * torch.empty((), dtype=d).element_size()
-        if _align(n) > n:
-            yield name, ws[off + n:off + _align(n)]
-        off += _align(n)
-
-
 # -- launches --------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -486,8 +447,7 @@ def forward_launch(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, reverse
     if B == 0:
         return ForwardState(y, h_n, c_n, ws, None)
     gates, hs, cs = split_workspace(cell, ws, D, T, B, H, dt)
-    for _, gap in _gaps(cell, ws, D, T, B, H, dt):
-        gap.zero_()  # alignment padding, so the whole workspace is defined (it is an op's output)
+    zero_gaps(cell, ws, D, T, B, H, dt)
     for d in range(D):
         t0 = T - 1 if (reverse or d == 1) else 0
         hs[d, t0].copy_(h0[d])
@@ -702,11 +662,6 @@ class TritonBackend(KernelBackend):
         if torch.cuda.get_device_capability(spec.device) < (8, 0):
             return "the kernels need a GPU of compute capability 8.0 (Ampere) or newer"
         return None
-
-    def workspace(self, inputs):
-        T, B = inputs.x.shape[0], inputs.x.shape[1]
-        return inputs.x.new_empty(workspace_bytes(inputs.cell, 1, T, B, inputs.w_hh.shape[1], inputs.x.dtype),
-                                  dtype=torch.uint8)
 
     def forward(self, inputs):
         a = inputs
