@@ -10,7 +10,8 @@
 // when the caller asks and the tiles fit shared memory, the recurrent products of the forward (h_{t-1} W_hh^T) and
 // of the backward (d_hid W_hh) run on tensor cores (WMMA 16x16x16, fp32 accumulation), their K split across every
 // warp of the block (mma_recurrent_product), and the step's pointwise part then runs one thread per (sequence,
-// unit); the A operand is rounded to the layer's dtype for the product, as cuDNN does. Every other product
+// unit), with the hoisted input part of the next step prefetched into shared memory (cp.async) before the grid
+// barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every other product
 // (float32, float64, the fused input part) is a plain FMA loop, one warp per (sequence, chunk of up to 8 units),
 // lanes splitting K, a butterfly shuffle sum at the end.
 #pragma once
@@ -104,16 +105,22 @@ __host__ __device__ inline int mma_splits(int m_pad, int n_pad, int k_pad) {
 
 // Bytes of shared memory of a WMMA product of M x K by K x N (mma_recurrent_product): both operands padded to
 // [*][k_ld] in the layer's dtype, then the fp32 partial products [splits][m_pad][n_pad].
-inline size_t mma_smem_bytes(size_t elem, int M, int N, int K) {
+__host__ __device__ inline size_t mma_smem_bytes(size_t elem, int M, int N, int K) {
   const size_t m = pad16(M), n = pad16(N), k_ld = pad16(K) + 8;
   return elem * (n + m) * k_ld + sizeof(float) * m * n * mma_splits(pad16(M), pad16(N), pad16(K));
 }
 
+// The forward's WMMA path prefetches the hoisted input part of the next step, [2][B][G*HB] fp32 (two buffers, by
+// step parity), behind mma_recurrent_product's region.
+__host__ __device__ inline size_t prefetch_offset(size_t elem, int B, int N, int K) {
+  return mma_smem_bytes(elem, B, N, K);
+}
+
 // Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path
-// mma_smem_bytes for M = B, N = G*HB, K = H.
+// mma_smem_bytes for M = B, N = G*HB, K = H, then the prefetch buffers.
 inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
   if (!tensor_cores) return elem * G * HB * H;
-  return mma_smem_bytes(elem, B, G * HB, H);
+  return prefetch_offset(elem, B, G * HB, H) + 2 * sizeof(float) * static_cast<size_t>(B) * G * HB;
 }
 
 // The backward's: W_hh^T's slice [HB][G*H] on the FMA path; mma_smem_bytes for M = B, N = HB, K = G*H on WMMA.
@@ -240,7 +247,7 @@ __device__ __forceinline__ T lstm_update_backward(T dh, T dc, T c, T gi, T gf, T
 template <int CELL, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t>& p, int t, int t_next, bool last,
                                                int b, int j, const acc_t (&ah)[gates_of(CELL)],
-                                               acc_t (&ax)[gates_of(CELL)]) {
+                                               acc_t (&ax)[gates_of(CELL)], bool input_ready = false) {
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   const int B = p.B, H = p.H, GH = G * H;
@@ -248,6 +255,7 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
   const int64_t tb = static_cast<int64_t>(t) * B + b;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
+    if (input_ready) continue;  // ax holds the prefetched hoisted part already
     if (p.gx != nullptr) ax[g] = p.gx[tb * GH + g * H + j];
     else if (p.bias != nullptr) ax[g] += p.bias[g * H + j];
   }
@@ -287,6 +295,19 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     if (!last) p.cs[t_next * BH + bj] = c_out;
     else p.c_n[bj] = static_cast<scalar_t>(c_out);
   }
+}
+
+// Issue the copies of step t's hoisted input part for the block's units, [B][G][nj] at buf, to land while the step
+// before ends and the grid barrier waits (cp.async: the issuing thread waits for them with cp_async_wait_all, the
+// others see them after the next block barrier).
+template <int CELL, typename acc_t>
+__device__ __forceinline__ void prefetch_input(const acc_t* gx, float* buf, int t, int B, int H, int j0, int nj) {
+  constexpr int G = gates_of(CELL);
+  for (int idx = threadIdx.x; idx < B * G * nj; idx += blockDim.x) {
+    const int b = idx / (G * nj), g = (idx / nj) % G, jl = idx % nj;
+    rf::cp_async4(buf + idx, gx + (static_cast<int64_t>(t) * B + b) * G * H + g * H + j0 + jl);
+  }
+  rf::cp_async_commit();
 }
 
 // One block per multiprocessor is all the plan launches, so the compiler may use up to 255 registers a thread.
@@ -329,6 +350,11 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   rf::sync_block();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* prefetched = reinterpret_cast<float*>(
+      smem_raw + prefetch_offset(sizeof(scalar_t), B, gates_of(CELL) * HB, H));  // WMMA path, hoisted mode only
+  if constexpr (kHasMma) {
+    if (tc && p.gx != nullptr) prefetch_input<CELL>(p.gx, prefetched, p.reverse ? T - 1 : 0, B, H, j0, nj);
+  }
   for (int s = 0; s < T; ++s) {
     const int t = p.reverse ? T - 1 - s : s;
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
@@ -337,8 +363,14 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     const scalar_t* h_in = p.hs + t * BH;
     if constexpr (kHasMma) {
       if (tc) {
+        const bool hoisted = p.gx != nullptr;
+        // This step's input part landed (this thread's copies; everyone's after the product's block barrier).
+        if (hoisted) rf::cp_async_wait_all();
         mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld, p.splits);
-        if (p.gx != nullptr) {
+        if (hoisted) {
+          // The next step's input part, into the other buffer (last read two steps ago), while this one ends.
+          const float* gx_now = prefetched + (s % 2) * B * G * nj;
+          if (!last) prefetch_input<CELL>(p.gx, prefetched + ((s + 1) % 2) * B * G * nj, t_next, B, H, j0, nj);
           // The pointwise part, one thread per (sequence, own unit): nothing is left to reduce.
           for (int item = threadIdx.x; item < B * nj; item += blockDim.x) {
             const int b = item / nj, jl = item % nj;
@@ -346,9 +378,9 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
 #pragma unroll
             for (int g = 0; g < G; ++g) {
               ah[g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jl));
-              ax[g] = acc_t(0);
+              ax[g] = static_cast<acc_t>(gx_now[(b * G + g) * nj + jl]);
             }
-            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax);
+            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, true);
           }
           if (!last) rf::sync_grid();
           continue;

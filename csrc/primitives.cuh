@@ -10,6 +10,9 @@
 //   rf::shfl_xor(v, mask)         __shfl_xor_sync(0xffffffff, v, mask): all 32 lanes of the warp take part
 //   rf::ldcg(p)                   __ldcg(p): a load through L2, never a stale L1 line
 //   rf::dynamic_smem()            the block's dynamic shared memory (extern __shared__), 128-byte aligned
+//   rf::cp_async4(smem, gmem)     cp.async of 4 bytes from global to shared memory (sm_80+); cp_async_commit()
+//                                 closes a group, cp_async_wait_all() waits for every copy this thread issued (the
+//                                 other threads see them after a block barrier)
 //   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
 //                                 store_matrix_sync for 16x16x16 half/bf16 tiles with float accumulators
 //   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below)
@@ -57,6 +60,13 @@ RF_DEVICE unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char rf_smem[];
   return rf_smem;
 }
+
+RF_DEVICE void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+RF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 namespace wmma = nvcuda::wmma;
 

@@ -553,6 +553,8 @@ def test_half_kernels_use_tensor_cores_forward_and_backward_and_nothing_spills(g
         assert r["local"] == 0 and r["stack"] == 0, f"{name}: spills to local memory ({r})"
         if r["dtype"] in ("f16", "bf16"):
             assert r["hmma"] > 0, f"{name}: no tensor-core instruction"
+            # The forward prefetches the next step's input part with cp.async (LDGSTS); the backward has none.
+            assert (r["ldgsts"] > 0) == (r["kind"] == "forward"), f"{name}: {r['ldgsts']} cp.async"
         else:
             assert r["hmma"] == 0, f"{name}: IEEE {r['dtype']} must not round its operands on tensor cores"
 
@@ -577,7 +579,7 @@ def test_shared_memory_of_a_plan_is_the_library_s_own(library):
             for B, H, bh in ((1, 37, 1), (20, 37, 3), (16, 768, 6), (64, 512, 4)):
                 G = reference.GATES[cell]
                 assert library.rnnfast_forward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
-                    rc.mma_smem_bytes(2, B, G * bh, H), (cell, B, H, bh)
+                    rc.tensor_core_smem_bytes("forward", cell, B, H, bh), (cell, B, H, bh)
                 assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
-                    rc.mma_smem_bytes(2, B, bh, G * H), (cell, B, H, bh)
+                    rc.tensor_core_smem_bytes("backward", cell, B, H, bh), (cell, B, H, bh)
                 assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 0) == 2 * G * bh * H

@@ -171,6 +171,14 @@ def test_sync_block_orders_writes_and_reads(lib, tmp_path):
     assert (r.bufs[0][wrong] == -1).all()  # 0xFFFFFFFF: the neighbour's word not yet written
 
 
+def test_cp_async_lands_in_shared_memory_for_the_block(lib, tmp_path):
+    blocks, threads = 2, 96
+    src = np.arange(blocks * threads, dtype=np.int32) * 7 + 1
+    r = run(lib, tmp_path, "cp_async", [src, np.zeros(blocks * threads, np.int32)], [blocks, threads])
+    assert r.rc == 0, r.error
+    np.testing.assert_array_equal(r.bufs[1], np.roll(src.reshape(blocks, threads), 1, axis=1).ravel())
+
+
 def test_sync_block_separates_the_levels_of_a_tree_sum(lib, tmp_path):
     blocks, threads = 2, 256
     x = np.random.default_rng(1).integers(-1000, 1000, blocks * threads).astype(np.int32)

@@ -151,6 +151,15 @@ def mma_smem_bytes(itemsize: int, M: int, N: int, K: int) -> int:
     return itemsize * (n + m) * (k + 8) + 4 * m * n * splits
 
 
+def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, itemsize: int = 2) -> int:
+    """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on the WMMA path: the product's operands and partial
+    sums, plus, forward, the two buffers of the prefetched input part, [2][B][G*block_h] fp32."""
+    G = GATES[cell]
+    if kind == "forward":
+        return mma_smem_bytes(itemsize, B, G * block_h, H) + 8 * B * G * block_h
+    return mma_smem_bytes(itemsize, B, block_h, G * H)
+
+
 def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, block_h: int,
                      kind: str = "forward") -> bool:
     """Whether the recurrent product of the ``kind`` kernel ("forward": h_{t-1} W_hh^T; "backward": d_hid W_hh)
@@ -158,9 +167,7 @@ def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torc
     fitting shared memory."""
     if not TENSOR_CORES or dtype not in MMA_DTYPES:
         return False
-    G = GATES[cell]
-    M, N, K = (B, G * block_h, H) if kind == "forward" else (B, block_h, G * H)
-    return mma_smem_bytes(_ITEMSIZE[dtype], M, N, K) <= _device_facts(device.index)[1]
+    return tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype]) <= _device_facts(device.index)[1]
 
 
 # The issue's anchors (cell, dtype, B, H): (a) LSTM bf16 B=16 H=768, (b) LSTM fp32 B=64 H=512, (c) GRU bf16 B=256
@@ -177,10 +184,9 @@ def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> s
     block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
     if reason is not None:
         return f"refused: {reason}"
-    G = GATES[cell]
     out = [f"{-(-H // block_h)} blocks x {block_h} units"]
-    for kind, (M, N, K) in (("forward", (B, G * block_h, H)), ("backward", (B, block_h, G * H))):
-        need = mma_smem_bytes(_ITEMSIZE[dtype], M, N, K)
+    for kind in ("forward", "backward"):
+        need = tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype])
         mma = dtype in MMA_DTYPES and need <= limit
         out.append(f"{kind} {'WMMA' if mma else 'FMA'}"
                    + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES else ""))
@@ -196,10 +202,9 @@ def anchor_prediction(cell: str, dtype: torch.dtype, B: int, H: int, device=H100
     block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
     if reason is not None:
         return {}
-    G = GATES[cell]
     out = {}
-    for kind, (M, N, K) in (("forward", (B, G * block_h, H)), ("backward", (B, block_h, G * H))):
-        mma = dtype in MMA_DTYPES and mma_smem_bytes(_ITEMSIZE[dtype], M, N, K) <= limit
+    for kind in ("forward", "backward"):
+        mma = dtype in MMA_DTYPES and tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype]) <= limit
         out[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, mma, sms)
     return out
 

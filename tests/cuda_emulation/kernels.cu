@@ -290,6 +290,34 @@ __global__ void fail_kernel(FailArgs a) {
 
 }  // namespace
 
+// --------------------------------------------------------------------------------------------- cp_async4 ---
+// Thread t copies in[t] into the shared word of its neighbour t+1 with cp.async, waits for its copy, and after a
+// block barrier reads the word it was sent: out[t] = in[t-1].
+struct CopyArgs {
+  const int* in;
+  int* out;
+};
+
+__global__ void cp_async_kernel(CopyArgs a) {
+  int* s = reinterpret_cast<int*>(rf::dynamic_smem());
+  const unsigned n = blockDim.x, t = threadIdx.x, base = blockIdx.x * n;
+  rf::cp_async4(s + (t + 1) % n, a.in + base + t);
+  rf::cp_async_commit();
+  rf::cp_async_wait_all();
+  rf::sync_block();
+  a.out[base + t] = s[t];
+}
+
+// bufs: in, out (int32, blocks*threads); ints: blocks, threads.
+EMU_EXPORT int emu_cp_async(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const CopyArgs a{static_cast<const int*>(bufs[0]), static_cast<int*>(bufs[1])};
+  std::string e;
+  const unsigned threads = static_cast<unsigned>(ints[1]);
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), threads, threads * sizeof(int),
+                             [&] { cp_async_kernel(a); }, &e);
+  return report(ok, e, err, err_len);
+}
+
 // bufs: out (int32, blocks*threads); ints: blocks, threads, skip_sync.
 EMU_EXPORT int emu_sync_block(void* const* bufs, const long long* ints, char* err, int err_len) {
   std::string e;
