@@ -131,19 +131,24 @@ def compile_backward(cell: str, plan: backend.Plan, dtype: torch.dtype, H: int, 
 
 
 def resources_for(cell: str, dtype: torch.dtype, B: int, I: int, H: int, *, arch: int = 90, dirs: int = 1,
-                  precision: str = "ieee"):
+                  fused: bool = False, precision: str = "ieee"):
     """``resources(kind, kernel_plan) -> (registers, shared bytes, spilled bytes)`` for
-    :func:`rnnfast.backends.triton.make_plan`, from compiles for sm_<arch>."""
+    :func:`rnnfast.backends.triton.make_plan`, from compiles for sm_<arch>; ``resources.compiled(kind,
+    kernel_plan)`` is the :class:`Compiled` kernel itself (each compiled once)."""
 
     @functools.lru_cache(maxsize=None)
-    def resources(kind, kplan):
+    def compiled(kind, kplan) -> Compiled:
         plan = backend.Plan(kplan, kplan)
         if kind == "forward":
-            k = compile_forward(cell, plan, dtype, H, fused=False, arch=arch, T=2, B=B, I=I, dirs=dirs,
-                                precision=precision)
-        else:
-            k = compile_backward(cell, plan, dtype, H, arch=arch, T=2, B=B, I=I, dirs=dirs, precision=precision)
+            return compile_forward(cell, plan, dtype, H, fused=fused, arch=arch, T=2, B=B, I=I, dirs=dirs,
+                                   precision=precision)
+        return compile_backward(cell, plan, dtype, H, arch=arch, T=2, B=B, I=I, dirs=dirs, precision=precision)
+
+    def resources(kind, kplan):
+        k = compiled(kind, kplan)
         return k.registers, k.shared, k.spill_bytes
+
+    resources.compiled = compiled
     return resources
 
 
@@ -161,12 +166,10 @@ def report_row(cell, dtype, B, I, H, precision, target: backend.Device, arch: in
     plan = backend.make_plan(cell, torch.device("cuda"), B, I, H, dtype=dtype, target=target, resources=res)
     row = dict(cell=cell, dtype=str(dtype)[6:], B=B, H=H)
     for kind, kp in (("forward", plan.forward), ("backward", plan.backward)):
-        regs, shared, _ = res(kind, kp)
-        k = (compile_forward(cell, plan, dtype, H, fused=False, arch=arch, T=2, B=B, I=I, precision=precision)
-             if kind == "forward" else
-             compile_backward(cell, plan, dtype, H, arch=arch, T=2, B=B, I=I, precision=precision))
-        row[kind] = dict(plan=kp.describe(), programs=math.prod(kp.grid(B, H)), registers=regs, spill=k.spill_bytes,
-                         shared=shared, per_sm=backend.occupancy(regs, shared, kp.num_warps, target),
+        k = res.compiled(kind, kp)
+        row[kind] = dict(plan=kp.describe(), programs=math.prod(kp.grid(B, H)), registers=k.registers,
+                         spill=k.spill_bytes, shared=k.shared,
+                         per_sm=backend.occupancy(k.registers, k.shared, kp.num_warps, target),
                          mma=k.uses("mma.sync") or k.uses("wgmma"))
     row["predicted"] = cost.predict(cell, dtype, B, I, H, plan, target)
     return row

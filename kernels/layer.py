@@ -174,9 +174,9 @@ def _w_chunk(w_base, k0, N: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _chunked_dot(acc, a_base, a_stride, offs_b, mask_b, K, w0, w1, w2, w3, w_base, K_pad,
                  N: tl.constexpr, NK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc += A[offs_b, :K] @ W_slice``: with ``NK`` > 0 the slice is the register-resident chunks ``w0..w3``,
-    with ``NK == 0`` it streams from ``w_base`` in ``BLOCK_K`` tiles."""
-    wt = w0.dtype
+    """``acc += A[offs_b, :K] @ W_slice``: with ``NK`` > 0 the slice is the on-chip chunks ``w0..w3``, with
+    ``NK == 0`` it streams from ``w_base`` in ``BLOCK_K`` tiles."""
+    wt = w_base.dtype.element_ty
     if NK == 0:
         for k0 in range(0, K_pad, BLOCK_K):
             a = _row_tile(a_base, a_stride, offs_b, mask_b, k0, K, BLOCK_K)
@@ -202,8 +202,11 @@ def _chunked_dot(acc, a_base, a_stride, offs_b, mask_b, K, w0, w1, w2, w3, w_bas
 
 @triton.jit
 def _resident(w_base, N: tl.constexpr, NK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``NK`` chunks of a packed slice, loaded once (with ``NK == 0``, one chunk that only gives the dtype)."""
-    w0 = _w_chunk(w_base, 0, N, BLOCK_K)
+    """The ``NK`` chunks of a packed slice, loaded once (with ``NK == 0``, nothing: zeros that are never used)."""
+    if NK > 0:
+        w0 = _w_chunk(w_base, 0, N, BLOCK_K)
+    else:
+        w0 = tl.zeros((BLOCK_K, N), dtype=w_base.dtype.element_ty)
     w1 = w0
     w2 = w0
     w3 = w0

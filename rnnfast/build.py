@@ -351,9 +351,9 @@ def print_report(library: str) -> None:
 
     print("plans on an H100/H200 (132 multiprocessors, 227 KiB of shared memory a block):")
     for name, (cell, dtype, B, H) in cuda.ANCHORS.items():
-        p = cuda.anchor_plan(cell, dtype, B, H)
-        print(f"  ({name}) {cell} {str(dtype)[6:]} B={B} H={H}: {p}")
-        for kind, pred in cuda.anchor_prediction(cell, dtype, B, H).items():
+        line, predicted = cuda.anchor_plan(cell, dtype, B, H)
+        print(f"  ({name}) {cell} {str(dtype)[6:]} B={B} H={H}: {line}")
+        for kind, pred in predicted.items():
             parts = " + ".join(f"{k} {pred[k]:.2f}" for k in ("load", "mma", "epilogue", "sync"))
             print(f"      {kind}: predicted {pred['us']:.2f} us/step ({parts}; a model, not measured)")
 

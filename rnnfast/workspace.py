@@ -37,28 +37,30 @@ def _align(n: int) -> int:
     return (n + 255) // 256 * 256  # every part on a 256-byte boundary: every pointer is 16-byte divisible
 
 
+def _layout(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
+    """``(name, shape, dtype, offset, bytes)`` of each part; each starts on a 256-byte boundary."""
+    off = 0
+    for name, shape, d in _parts(cell, dirs, T, B, H, dt):
+        n = _nbytes(shape, d)
+        yield name, shape, d, off, n
+        off += _align(n)
+
+
 def workspace_bytes(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype) -> int:
-    return sum(_align(_nbytes(s, d)) for _, s, d in _parts(cell, dirs, T, B, H, dt))
+    return sum(_align(n) for *_, n in _layout(cell, dirs, T, B, H, dt))
 
 
 def split_workspace(cell: str, ws: torch.Tensor, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
     """Views ``(gates, hs, cs)`` of a byte workspace, each ``(dirs, ...)``; ``cs`` is None except for LSTM."""
-    views, off = {}, 0
-    for name, shape, d in _parts(cell, dirs, T, B, H, dt):
-        n = _nbytes(shape, d)
-        views[name] = ws[off:off + n].view(d).view(shape)
-        off += _align(n)
+    views = {name: ws[off:off + n].view(d).view(shape) for name, shape, d, off, n in _layout(cell, dirs, T, B, H, dt)}
     return views["gates"], views["hs"], views.get("cs")
 
 
 def zero_gaps(cell: str, ws: torch.Tensor, dirs: int, T: int, B: int, H: int, dt: torch.dtype) -> None:
     """Zero the alignment padding between the parts, so that the whole workspace is defined (it is an op's output)."""
-    off = 0
-    for _, shape, d in _parts(cell, dirs, T, B, H, dt):
-        n = _nbytes(shape, d)
+    for *_, off, n in _layout(cell, dirs, T, B, H, dt):
         if _align(n) > n:
             ws[off + n:off + _align(n)].zero_()
-        off += _align(n)
 
 
 def fold_biases(cell: str, b_ih, b_hh, H: int, ct: torch.dtype):

@@ -463,13 +463,13 @@ def test_half_precision_gradients_within_baseline(cell, dtype):
     leaves = {k: a[k].clone().requires_grad_() for k in ("x", "h0", "c0") if k in a}
     x = leaves["x"].flip(0) if cell == "gru" else leaves["x"]  # no lengths: reversing the sequence is exact
     hx = (leaves["h0"][None], leaves["c0"][None]) if cell == "lstm" else leaves["h0"][None]
-    y, _ = m(x, hx)
+    y, state = m(x, hx)
     y = y.flip(0) if cell == "gru" else y
     gy, gh, gc = upstream
-    hn = _[0] if cell == "lstm" else _
+    hn = state[0] if cell == "lstm" else state
     loss = (y.float() * gy.float()).sum() + (hn[0].float() * gh.float()).sum()
     if cell == "lstm":
-        loss = loss + (_[1][0].float() * gc.float()).sum()
+        loss = loss + (state[1][0].float() * gc.float()).sum()
     loss.backward()
     base = {"x": leaves["x"].grad, "h0": leaves["h0"].grad, "w_ih": m.weight_ih_l0.grad, "w_hh": m.weight_hh_l0.grad,
             "b_ih": m.bias_ih_l0.grad, "b_hh": m.bias_hh_l0.grad}

@@ -177,36 +177,25 @@ ANCHORS = {"a": ("lstm", torch.bfloat16, 16, 768), "b": ("lstm", torch.float32, 
 H100 = (132, 232448)  # multiprocessors, shared memory bytes a block (opt-in)
 
 
-def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> str:
-    """What the backend does with a layer on a GPU of ``device = (multiprocessors, shared bytes a block)``: the
-    blocks, units a block, and which recurrent products run on tensor cores, or its refusal."""
-    sms, limit = device
-    block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
-    if reason is not None:
-        return f"refused: {reason}"
-    out = [f"{-(-H // block_h)} blocks x {block_h} units"]
-    for kind in ("forward", "backward"):
-        need = tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype])
-        mma = dtype in MMA_DTYPES and need <= limit
-        out.append(f"{kind} {'WMMA' if mma else 'FMA'}"
-                   + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES else ""))
-    return ", ".join(out)
-
-
-def anchor_prediction(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> dict:
-    """The per-step cost model's prediction (:func:`rnnfast.kernels.cost.cuda_kernel_step`) for the plan of
-    :func:`anchor_plan`: ``{kind: {us, load, mma, epilogue, sync}}``; empty when the layer is refused."""
+def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> tuple[str, dict]:
+    """What the backend does with a layer on a GPU of ``device = (multiprocessors, shared bytes a block)``: a line
+    naming the blocks, units a block, and which recurrent products run on tensor cores (or the refusal), and the
+    per-step cost model's prediction for it (:func:`rnnfast.kernels.cost.cuda_kernel_step`), ``{kind: {us, load,
+    mma, epilogue, sync}}``, empty when the layer is refused."""
     from ..kernels import cost
 
     sms, limit = device
     block_h, reason = _plan(cell, H, dtype, sms, limit, "this GPU")
     if reason is not None:
-        return {}
-    out = {}
+        return f"refused: {reason}", {}
+    line, predicted = [f"{-(-H // block_h)} blocks x {block_h} units"], {}
     for kind in ("forward", "backward"):
-        mma = dtype in MMA_DTYPES and tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype]) <= limit
-        out[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, mma, sms)
-    return out
+        need = tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype])
+        mma = dtype in MMA_DTYPES and need <= limit
+        line.append(f"{kind} {'WMMA' if mma else 'FMA'}" + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES
+                                                            else ""))
+        predicted[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, mma, sms)
+    return ", ".join(line), predicted
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -183,21 +183,18 @@ def _fits(kp: KernelPlan, kind: str, H: int, others: int, target: "Device", reso
     return others * triton.cdiv(H, kp.block_h) <= per_sm * target.sms
 
 
-def _slices(H: int, others: int, min_bh: int, capacity, sms: int | None) -> int | None:
-    """Hidden units per program: the largest slice whose grid (``others`` programs per slice) still fills every
-    multiprocessor, else the smallest (most programs); only slices whose grid can be co-resident
-    (``capacity(bh)``). None when none can."""
+def _step_slice(H: int, others: int, min_bh: int, sms: int) -> int:
+    """Hidden units per program of the per-step schedule (no co-residency needed): the largest slice whose grid
+    (``others`` programs per slice) still fills every multiprocessor, else the smallest."""
     cands = [bh for bh in (1, 2, 4, 8, 16, 32, 64, 128) if min_bh <= bh <= max(min_bh, _pow2(H, lo=1))]
-    fitting = [bh for bh in cands if others * triton.cdiv(H, bh) <= capacity(bh)]
-    if not fitting:
-        return None
-    full = [bh for bh in fitting if others * triton.cdiv(H, bh) >= sms]
-    return max(full) if full else min(fitting)
+    full = [bh for bh in cands if others * triton.cdiv(H, bh) >= sms]
+    return max(full) if full else min(cands)
 
 
 def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, dtype: torch.dtype = torch.float32,
-              dirs: int = 1, schedule: str | None = None, block_b: int | None = None, block_h: int | None = None,
-              block_k: int | None = None, block_i: int | None = None, sm_count: int | None = None,
+              dirs: int = 1, fused: bool = False, schedule: str | None = None, block_b: int | None = None,
+              block_h: int | None = None, block_k: int | None = None, block_i: int | None = None,
+              sm_count: int | None = None,
               resident: bool | None = None, target: Device | None = None, resources=None) -> Plan:
     """Choose tiles and schedule for the forward and backward kernels; explicit arguments are honoured or refused
     with the reason.
@@ -207,7 +204,7 @@ def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, dtype:
     target from a machine without one, :mod:`rnnfast.kernels.aot`). ``target`` (or ``sm_count``) stands in for the
     device; without ``resources`` there, one program per multiprocessor is assumed, which always fits. A plan that
     cannot be co-resident runs the per-step schedule, or is refused when ``schedule="persistent"`` was asked for.
-    Among the plans that fit (and do not spill), the per-step cost model (:mod:`rnnfast.kernels.cost`) picks.
+    ``fused`` is the forward's input mode, whose kernel (and so occupancy) differs. Among the plans that fit (and do not spill), the per-step cost model (:mod:`rnnfast.kernels.cost`) picks.
     ``resident=False`` streams the recurrent weights even where they would fit on chip. An explicit ``block_h`` is
     the forward's slice; the backward's is at least 16, its dot's narrowest N.
     """
@@ -221,7 +218,7 @@ def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, dtype:
     if target is None and device.type == "cuda" and not INTERPRETED:
         target = Device.of(device)
         if resources is None:
-            resources = _jit_resources(cell, dtype, device, B, I, H, dirs)
+            resources = _jit_resources(cell, dtype, device, B, I, H, dirs, fused)
     esize = torch.empty((), dtype=dtype).element_size()
     NG, NGP = GATES[cell], gate_slots(cell)
     block_b = _pow2(B, hi=64) if block_b is None else block_b
@@ -267,7 +264,7 @@ def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, dtype:
             if schedule == "persistent":
                 raise ValueError(f"no slice of the {cell} {kind} kernel lets all its programs be resident at "
                                  f"once on this GPU ({target.sms} multiprocessors); use schedule='step'")
-            return kernel_plan(kind, _slices(H, n_bt * dirs, min_bh, lambda b: 1 << 30, target.sms), "step")
+            return kernel_plan(kind, _step_slice(H, n_bt * dirs, min_bh, target.sms), "step")
         sched = schedule or "persistent"
         kp = kernel_plan(kind, bh, sched)
         if sched == "persistent" and kp.needs_sync(H):
@@ -286,18 +283,19 @@ def make_plan(cell: str, device: torch.device, B: int, I: int, H: int, *, dtype:
     return Plan(choose("forward"), choose("backward"))
 
 
-def _jit_resources(cell, dtype, device, B, I, H, dirs):
+def _jit_resources(cell, dtype, device, B, I, H, dirs, fused):
     """``resources`` for :func:`make_plan` on this GPU: compile the kernel a plan gives, with the JIT's
     specialisation, for this GPU's architecture, and read its registers and shared memory."""
     from ..kernels import aot
 
-    return aot.resources_for(cell, dtype, B, I, H, arch=Device.of(device).arch, dirs=dirs,
+    return aot.resources_for(cell, dtype, B, I, H, arch=Device.of(device).arch, dirs=dirs, fused=fused,
                              precision=_precision(dtype, device))
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_plan(cell, device, B, I, H, dtype, dirs):
-    return make_plan(cell, device, B, I, H, dtype=dtype, dirs=dirs)
+def _cached_plan(cell, device, B, I, H, dtype, dirs, fused, precision):
+    # precision is part of the key: the TF32 switch changes the compiled kernel, and so its occupancy.
+    return make_plan(cell, device, B, I, H, dtype=dtype, dirs=dirs, fused=fused)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -437,9 +435,9 @@ def forward_launch(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, reverse
     D = len(w_hhs)
     H = w_hhs[0].shape[1]
     dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
-    plan = plan or _cached_plan(cell, dev, B, I, H, dt, D)
-    kp = plan.forward
     precision = _precision(dt, dev)
+    plan = plan or _cached_plan(cell, dev, B, I, H, dt, D, bool(fused), precision)
+    kp = plan.forward
     y = torch.empty(T, B, D * H, dtype=dt, device=dev)
     h_n = torch.empty(D, B, H, dtype=dt, device=dev)
     c_n = torch.empty(D, B, H, dtype=dt, device=dev) if cell == "lstm" else None
@@ -509,7 +507,8 @@ def backward_launch(cell, grad_y, grad_h_n, grad_c_n, x, w_hhs, lengths, reverse
     H = w_hhs[0].shape[1]
     NG = GATES[cell]
     dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
-    plan = plan or _cached_plan(cell, dev, B, I, H, dt, D)
+    # The backward's plan does not depend on the forward's input mode.
+    plan = plan or _cached_plan(cell, dev, B, I, H, dt, D, False, _precision(dt, dev))
     kp = plan.backward
     gates, hs, cs = split_workspace(cell, ws, D, T, B, H, dt)
     d_in = torch.empty(D, T, B, NG * H, dtype=dt, device=dev)
