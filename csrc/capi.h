@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define RNNFAST_ABI_VERSION 2
+#define RNNFAST_ABI_VERSION 3
 
 /* The library is built with hidden visibility: only these entry points are exported. */
 #if defined(__GNUC__)
@@ -55,8 +55,10 @@ typedef struct {
   void* hc;             /* (B, H) acc: h0 on entry, the last state on exit (each unit's own state, unrounded) */
   int64_t T, B, I, H;
   int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
+  int64_t m_tile;       /* batch rows per tensor-core product, a multiple of 16; 0: the whole batch */
   int32_t reverse;
-  int32_t tensor_cores; /* WMMA for the recurrent product (f16/bf16 only) */
+  int32_t tensor_cores; /* the recurrent product: 0 FMA; 1 tensor cores (WMMA in the dtype for f16/bf16, TF32 for
+                           f32); 3 3xTF32 (f32 only: about fp32's accuracy on tensor cores) */
 } rnnfast_forward_params;
 
 typedef struct {
@@ -73,18 +75,22 @@ typedef struct {
   void* direct;         /* (B, H) acc scratch */
   int64_t T, B, H;
   int64_t block_h;
+  int64_t m_tile;       /* as the forward's */
   int32_t reverse;
-  int32_t tensor_cores; /* WMMA for the recurrent product d_hid W_hh (f16/bf16 only) */
+  int32_t tensor_cores; /* as the forward's, for the recurrent product d_hid W_hh */
 } rnnfast_backward_params;
 
 RNNFAST_API int rnnfast_abi_version(void);
 /* 1 for the CPU emulation library, 0 for the GPU one. */
 RNNFAST_API int rnnfast_emulated(void);
 RNNFAST_API const char* rnnfast_last_error(void);
-/* Dynamic shared memory of one block (the W_hh slice; with tensor_cores also the other operand and the product). */
-RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h, int tensor_cores);
+/* Dynamic shared memory of one block: the W_hh slice; with tensor cores (m_tile > 0, a multiple of 16) the slice
+ * padded, one m_tile-row batch tile of the other operand and the partial products (forward: and the prefetched input
+ * part of the whole batch). */
+RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
+                                              int64_t m_tile);
 RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
-                                               int tensor_cores);
+                                               int64_t m_tile);
 /* Waits on the grid barrier `iters` times with `blocks` blocks; writes iters to *passed (device memory). */
 RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, void* stream);
 

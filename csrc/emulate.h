@@ -223,9 +223,10 @@ inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, F&& bod
 }
 
 // ------------------------------------------------------------------------------------------------ WMMA ---
-// nvcuda::wmma for 16x16x16 tiles of half_t/bf16_t with float accumulators. Every lane holds the whole tile (the
-// GPU spreads it over the warp in an unspecified way, so portable code never depends on which lane holds what):
-// each lane loads, multiplies and stores all 256 elements, and the stores write identical values.
+// nvcuda::wmma for 16x16x16 tiles of half_t/bf16_t and 16x16x8 tiles of TF32 (precision::tf32, held as float), both
+// with float accumulators. Every lane holds the whole tile (the GPU spreads it over the warp in an unspecified way,
+// so portable code never depends on which lane holds what, and applies only elementwise operations to x[]): each
+// lane loads, multiplies and stores all of its elements, and the stores write identical values.
 namespace wmma {
 
 struct matrix_a {};
@@ -234,22 +235,54 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// cvt.rna.tf32.f32: v rounded to TF32's 10 mantissa bits, to nearest, ties away from zero, kept in a float (the low
+// 13 bits zero). Inf and NaN pass through.
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;  // magnitude bits: the carry is ties-away
+  float out;
+  std::memcpy(&out, &u, sizeof(out));
+  return out;
+}
+
+namespace detail {
+
+template <typename T>
+constexpr bool is_tf32 = std::is_same_v<T, precision::tf32>;
+
+// What a fragment holds: TF32 operands are floats.
+template <typename T>
+using element_of = std::conditional_t<is_tf32<T>, float, T>;
+
+// The tile as the fragment's own matrix: a is M x K, b is K x N, the accumulator M x N.
+template <typename Use, int M, int N, int K>
+constexpr int rows_of = std::is_same_v<Use, matrix_b> ? K : M;
+template <typename Use, int M, int N, int K>
+constexpr int cols_of = std::is_same_v<Use, matrix_a> ? K : N;
+
+}  // namespace detail
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation has 16x16x16 tiles only");
   static constexpr bool kOperand = std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>;
-  static_assert(!kOperand || std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>,
-                "matrix_a/matrix_b fragments hold half_t or bf16_t");
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulation has 16x16x16 and 16x16x8 tiles only");
+  static_assert(!kOperand || ((std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>) && K == 16) ||
+                    (detail::is_tf32<T> && K == 8),
+                "matrix_a/matrix_b fragments hold half_t or bf16_t (k 16) or precision::tf32 (k 8)");
   static_assert(!kOperand || std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
                 "matrix_a/matrix_b fragments take row_major or col_major");
   static_assert(!std::is_same_v<Use, accumulator> || (std::is_same_v<T, float> && std::is_void_v<Layout>),
                 "accumulator fragments are float, without a layout");
   static_assert(kOperand || std::is_same_v<Use, accumulator>, "Use is matrix_a, matrix_b or accumulator");
-  using element_type = T;
-  static constexpr int num_elements = 256;
-  // The tile as the operand's own matrix, row by row: a is M x K, b is K x N, the accumulator M x N.
-  T x[num_elements];
+  using element_type = detail::element_of<T>;
+  static constexpr int kRows = detail::rows_of<Use, M, N, K>, kCols = detail::cols_of<Use, M, N, K>;
+  static constexpr int num_elements = kRows * kCols;
+  element_type x[num_elements];  // row by row
 };
 
 namespace detail {
@@ -278,9 +311,22 @@ inline void collective(rf::detail::Collective what, const void* p, uint64_t args
   rf::detail::warp_collective(what, reinterpret_cast<uintptr_t>(p), args, 0);
 }
 
-// Element (r, c) of a 16-row matrix stored row- or column-major with leading dimension ldm.
+// Element (r, c) of a matrix stored row- or column-major with leading dimension ldm.
 inline size_t at(int r, int c, unsigned ldm, bool col) {
   return col ? static_cast<size_t>(c) * ldm + r : static_cast<size_t>(r) * ldm + c;
+}
+
+// What the tensor core multiplies: 16-bit values as they are; of a TF32 operand only the TF32 bits (the low 13 of
+// the float are not read, so an operand never passed through __float_to_tf32 is truncated, not rounded).
+inline float operand(half_t v) { return static_cast<float>(v); }
+inline float operand(bf16_t v) { return static_cast<float>(v); }
+inline float operand(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u &= 0xFFFFE000u;
+  float out;
+  std::memcpy(&out, &u, sizeof(out));
+  return out;
 }
 
 }  // namespace detail
@@ -292,17 +338,20 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
 }
 
 // matrix_a (M x K) or matrix_b (K x N): row_major puts element (r, c) at p[r*ldm + c], col_major at p[c*ldm + r].
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+template <typename Use, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f,
+                             const typename fragment<Use, 16, 16, K, T, Layout>::element_type* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
+  using F = fragment<Use, 16, 16, K, T, Layout>;
   constexpr bool col = std::is_same_v<Layout, col_major>;
   detail::check_tile("load_matrix_sync", p, ldm);
   detail::collective(rf::detail::Collective::load_matrix_sync, p, detail::tile_args(ldm, col));
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[detail::at(r, c, ldm, col)];
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c) f.x[r * F::kCols + c] = p[detail::at(r, c, ldm, col)];
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+template <int K>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
   const bool col = layout == mem_col_major;
   detail::check_tile("load_matrix_sync", p, ldm);
@@ -311,7 +360,8 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[detail::at(r, c, ldm, col)];
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+template <int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm,
                               layout_t layout) {
   const bool col = layout == mem_col_major;
   detail::check_tile("store_matrix_sync", p, ldm);
@@ -320,17 +370,17 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
     for (int c = 0; c < 16; ++c) p[detail::at(r, c, ldm, col)] = f.x[r * 16 + c];
 }
 
-// d = a b + c, the products exact in float, summed in float in k order after c. d may be c.
-template <typename T, typename La, typename Lb>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, La>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
+// d = a b + c, the products exact in float (11-bit by 11-bit significands at most), summed in float in k order after
+// c. d may be c.
+template <int K, typename T, typename La, typename Lb>
+inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, La>& a,
+                     const fragment<matrix_b, 16, 16, K, T, Lb>& b, const fragment<accumulator, 16, 16, K, float>& c) {
   rf::detail::warp_collective(rf::detail::Collective::mma_sync, 0, 0, 0);
   float out[256];
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
       float s = c.x[m * 16 + n];
-      for (int k = 0; k < 16; ++k) s += static_cast<float>(a.x[m * 16 + k]) * static_cast<float>(b.x[k * 16 + n]);
+      for (int k = 0; k < K; ++k) s += detail::operand(a.x[m * K + k]) * detail::operand(b.x[k * 16 + n]);
       out[m * 16 + n] = s;
     }
   }

@@ -6,20 +6,24 @@
 // other with a cooperative-groups grid barrier, so the grid must be co-resident (cooperative launch, checked).
 //
 // Arithmetic: operands in the layer's dtype, products and sums in acc_t (float for half types and float32,
-// double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. For float16/bfloat16,
-// when the caller asks and the tiles fit shared memory, the recurrent products of the forward (h_{t-1} W_hh^T) and
-// of the backward (d_hid W_hh) run on tensor cores (WMMA 16x16x16, fp32 accumulation), their K split across every
-// warp of the block (mma_recurrent_product), and the step's pointwise part then runs one thread per (sequence,
-// unit), with the hoisted input part of the next step prefetched into shared memory (cp.async) before the grid
-// barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every other product
-// (float32, float64, the fused input part) is a plain FMA loop, one warp per (sequence, chunk of up to 8 units),
-// lanes splitting K, a butterfly shuffle sum at the end.
+// double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. The recurrent products of
+// the forward (h_{t-1} W_hh^T) and of the backward (d_hid W_hh) run on tensor cores when the caller asks and the
+// tiles fit shared memory: WMMA 16x16x16 for float16/bfloat16, 16x16x8 TF32 for float32 (one pass under
+// torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's accuracy), fp32
+// accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in tiles of m_tile
+// rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise part then runs
+// one thread per (sequence, unit), with the hoisted input part of the next step prefetched into shared memory
+// (cp.async) before the grid barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every
+// other product (float64, the fused input part, what does not fit) is a plain FMA loop, one warp per (sequence,
+// chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
 //
-// Per step and block (forward, WMMA path): read B x H of h_{t-1} (layer dtype) and B x G*HB of the hoisted input
-// (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops, write B x HB of h, y and the gates, one grid barrier.
+// Per step and block (forward, WMMA path): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time) and
+// B x G*HB of the hoisted input (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops (3x for 3xTF32), write B x HB of h,
+// y and the gates, one grid barrier.
 // Predicted (kernels/cost.py, cuda_kernel_step; assumptions, not measured on a GPU): (a) LSTM bf16 B=16 H=768,
-// 128 blocks x 6 units: 2.3 us/step forward, 4.3 backward; (b) LSTM fp32 B=64 H=512 (FMA): 16 and 25; (c) GRU bf16
-// B=256 H=1024 (FMA, the WMMA tiles do not fit): 126 and 151. `python -m rnnfast.build --report` prints them.
+// 128 blocks x 6 units: 2.3 us/step forward, 4.3 backward; (b) LSTM fp32 B=64 H=512 (TF32 forward; the backward's
+// fp32 tiles do not fit, FMA): 5.2 and 25; (c) GRU bf16 B=256 H=1024 (batch tiles of 48 rows forward, 16 backward):
+// 24 and 53. `python -m rnnfast.build --report` prints them.
 // Measured: nothing yet.
 #pragma once
 
@@ -56,8 +60,9 @@ struct ForwardArgs {
   acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
   int T, B, I, H, HB;
   bool reverse;
-  bool tensor_cores;   // only for float16/bfloat16
-  int m_pad, n_pad, k_pad;  // B, G*HB and H rounded up to 16: the WMMA tile grid
+  int passes;  // 0: FMA; 1: tensor cores (WMMA in the layer dtype, TF32 for float32); 3: 3xTF32 (float32 only)
+  int m_tile;  // rows of the batch per tensor-core product, a multiple of 16: the batch is tiled to fit shared memory
+  int n_pad, k_pad;  // G*HB and H rounded up to 16: the WMMA tile grid
   int k_ld;  // row stride of both operands in shared memory: k_pad + 8, so that 16 rows fall in different banks
   int splits;  // K ranges the product is split into, one warp each (mma_splits)
 };
@@ -77,8 +82,7 @@ struct BackwardArgs {
   acc_t* direct;
   int T, B, H, HB;
   bool reverse;
-  bool tensor_cores;  // only for float16/bfloat16
-  int m_pad, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
+  int passes, m_tile, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
 };
 
 template <typename T>
@@ -92,103 +96,155 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// The type a WMMA fragment takes for each layer dtype: the 16-bit types themselves, void where there is none.
+// How a block's recurrent product runs on tensor cores, per layer dtype: st_t, the operand type kept in shared
+// memory; frag_t, the WMMA fragments' element type; kK, the depth of one WMMA tile. st_t void: no tensor-core path
+// (float64, which stays on DFMA). float32 keeps its operands unrounded in shared memory and rounds each fragment to
+// TF32 as it is loaded; 3xTF32 adds the products of the remainders, for about float32's accuracy.
 template <typename scalar_t>
-struct MmaType { using type = void; };
+struct Mma { using st_t = void; static constexpr int kK = 16; };
 template <>
-struct MmaType<rf::half_t> { using type = rf::half_t; };
+struct Mma<rf::half_t> { using st_t = rf::half_t; using frag_t = rf::half_t; static constexpr int kK = 16; };
 template <>
-struct MmaType<rf::bf16_t> { using type = rf::bf16_t; };
+struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; using frag_t = rf::bf16_t; static constexpr int kK = 16; };
+template <>
+struct Mma<float> { using st_t = float; using frag_t = rf::wmma::precision::tf32; static constexpr int kK = 8; };
+
+// The tile depth of a layer dtype's tensor-core product, from its size (the C size queries know only that): 8 for
+// TF32, 16 for the 16-bit types.
+__host__ __device__ inline int mma_depth(size_t elem) { return elem == 4 ? 8 : 16; }
 
 __host__ __device__ inline int pad16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
 
-// How many K ranges a WMMA product of an m_pad x n_pad tile grid over k_pad is split into: enough that every warp
-// of the block has a (tile, K range) to work on, but no range shorter than one 16-deep chunk.
-__host__ __device__ inline int mma_splits(int m_pad, int n_pad, int k_pad) {
-  const int tiles = (m_pad / 16) * (n_pad / 16);
+// How many K ranges a WMMA product of an m_tile x n_pad tile grid over k_pad is split into: enough that every warp
+// of the block has a (tile, K range) to work on, but no range shorter than one k_step-deep chunk.
+__host__ __device__ inline int mma_splits(int m_tile, int n_pad, int k_pad, int k_step) {
+  const int tiles = (m_tile / 16) * (n_pad / 16);
   const int s = tiles >= kWarps ? 1 : kWarps / tiles;
-  return s < k_pad / 16 ? s : k_pad / 16;
+  return s < k_pad / k_step ? s : k_pad / k_step;
 }
 
-// Bytes of shared memory of a WMMA product of M x K by K x N (mma_recurrent_product): both operands padded to
-// [*][k_ld] in the layer's dtype, then the fp32 partial products [splits][m_pad][n_pad].
+// Bytes of shared memory of a WMMA product of M x K by K x N (mma_recurrent_product), for M the rows of one batch
+// tile: both operands padded to [*][k_ld] in st_t, then the fp32 partial products [splits][m_tile][n_pad].
 __host__ __device__ inline size_t mma_smem_bytes(size_t elem, int M, int N, int K) {
   const size_t m = pad16(M), n = pad16(N), k_ld = pad16(K) + 8;
-  return elem * (n + m) * k_ld + sizeof(float) * m * n * mma_splits(pad16(M), pad16(N), pad16(K));
+  return elem * (n + m) * k_ld +
+         sizeof(float) * m * n * mma_splits(pad16(M), pad16(N), pad16(K), mma_depth(elem));
 }
 
-// The forward's WMMA path prefetches the hoisted input part of the next step, [2][B][G*HB] fp32 (two buffers, by
-// step parity), behind mma_recurrent_product's region.
-__host__ __device__ inline size_t prefetch_offset(size_t elem, int B, int N, int K) {
-  return mma_smem_bytes(elem, B, N, K);
+// The forward's WMMA path prefetches the hoisted input part of the next step for the whole batch, [2][B][G*HB] fp32
+// (two buffers, by step parity), behind mma_recurrent_product's region (of one m_tile-row batch tile).
+__host__ __device__ inline size_t prefetch_offset(size_t elem, int m_tile, int N, int K) {
+  return mma_smem_bytes(elem, m_tile, N, K);
 }
 
-// Bytes of shared memory of the forward kernel: the FMA path keeps W_hh's slice [G*HB][H]; the WMMA path
-// mma_smem_bytes for M = B, N = G*HB, K = H, then the prefetch buffers.
-inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
-  if (!tensor_cores) return elem * G * HB * H;
-  return prefetch_offset(elem, B, G * HB, H) + 2 * sizeof(float) * static_cast<size_t>(B) * G * HB;
+// Bytes of shared memory of the forward kernel: the FMA path (m_tile 0) keeps W_hh's slice [G][HB][H]; the WMMA
+// path mma_smem_bytes for M = m_tile, N = G*HB, K = H, then the prefetch buffers.
+inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, int m_tile) {
+  if (m_tile == 0) return elem * G * HB * H;
+  return prefetch_offset(elem, m_tile, G * HB, H) + 2 * sizeof(float) * static_cast<size_t>(B) * G * HB;
 }
 
-// The backward's: W_hh^T's slice [HB][G*H] on the FMA path; mma_smem_bytes for M = B, N = HB, K = G*H on WMMA.
-inline size_t backward_smem_bytes(size_t elem, int G, int B, int H, int HB, bool tensor_cores) {
-  if (!tensor_cores) return elem * G * HB * H;
-  return mma_smem_bytes(elem, B, HB, G * H);
+// The backward's: W_hh^T's slice [HB][G*H] on the FMA path (m_tile 0); mma_smem_bytes for M = m_tile, N = HB,
+// K = G*H on WMMA.
+inline size_t backward_smem_bytes(size_t elem, int G, int H, int HB, int m_tile) {
+  if (m_tile == 0) return elem * G * HB * H;
+  return mma_smem_bytes(elem, m_tile, HB, G * H);
 }
 
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int t, int b) {
   return lengths == nullptr || static_cast<int64_t>(t) < lengths[b];
 }
 
-__host__ __device__ inline size_t mma_product_offset(int m_pad, int n_pad, int k_ld) {
-  return 2 * static_cast<size_t>(n_pad + m_pad) * k_ld;
+__host__ __device__ inline size_t mma_product_offset(size_t elem, int m_tile, int n_pad, int k_ld) {
+  return elem * static_cast<size_t>(n_pad + m_tile) * k_ld;
 }
 
-// The block's recurrent product on tensor cores: prod[m][n] = sum_k a[m][k] W[n][k] for its m_pad x n_pad tile grid
-// (a: M rows of K in global memory, in the layer dtype, written by other blocks before the grid barrier), the K chunks of each
-// tile split into `splits` ranges, one warp per (tile, range), so every warp works even when the tiles are fewer
-// than the warps. Shared memory: W (operand B, [n_pad][k_ld]) at 0, a rounded to mma_t (operand A, row-major
-// [m_pad][k_ld]) after it, the fp32 partial products [splits][m_pad][n_pad] after that (mma_sum adds them up).
-// Ends with a block barrier, so the product is ready for every thread. Columns k_pad..k_ld-1 are never read.
-template <typename mma_t, typename in_t>
-__device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m_pad, int n_pad,
-                                      int k_pad, int k_ld, int splits) {
+// acc += one k-deep chunk of a warp's 16 x 16 tile: a (row-major [16][k_ld]) times W (column-major [16][k_ld]),
+// both in shared memory. 16-bit types multiply as they are; float32 rounds each fragment to TF32 (passes 1), or
+// splits it into a TF32 high part and a TF32 remainder and adds the three largest products (passes 3, 3xTF32).
+template <typename scalar_t, typename acc_frag_t, typename st_t>
+__device__ __forceinline__ void mma_chunk(acc_frag_t& acc, const st_t* a, const st_t* w, int k_ld, int passes) {
   namespace wmma = rf::wmma;
-  const mma_t* wt = reinterpret_cast<const mma_t*>(smem);
-  mma_t* at = reinterpret_cast<mma_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
-  float* prod = reinterpret_cast<float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
+  using M = Mma<scalar_t>;
+  wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::frag_t, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::frag_t, wmma::col_major> fb;
+  wmma::load_matrix_sync(fa, a, k_ld);
+  wmma::load_matrix_sync(fb, w, k_ld);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (passes == 3) {
+      decltype(fa) fa_lo;
+      decltype(fb) fb_lo;
+#pragma unroll
+      for (int i = 0; i < fa.num_elements; ++i) {
+        const float hi = wmma::__float_to_tf32(fa.x[i]);
+        fa_lo.x[i] = wmma::__float_to_tf32(fa.x[i] - hi);
+        fa.x[i] = hi;
+      }
+#pragma unroll
+      for (int i = 0; i < fb.num_elements; ++i) {
+        const float hi = wmma::__float_to_tf32(fb.x[i]);
+        fb_lo.x[i] = wmma::__float_to_tf32(fb.x[i] - hi);
+        fb.x[i] = hi;
+      }
+      // The small products first, so that they are not lost against the large one.
+      wmma::mma_sync(acc, fa_lo, fb, acc);
+      wmma::mma_sync(acc, fa, fb_lo, acc);
+    } else {
+#pragma unroll
+      for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+#pragma unroll
+      for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+    }
+  }
+  wmma::mma_sync(acc, fa, fb, acc);
+}
+
+// The block's recurrent product on tensor cores for one batch tile: prod[m][n] = sum_k a[m0 + m][k] W[n][k] for its
+// m_tile x n_pad tile grid (a: M rows of K in global memory, in the layer dtype, written by other blocks before the
+// grid barrier; rows from M on are zero), the K chunks of each tile split into `splits` ranges, one warp per (tile,
+// range), so every warp works even when the tiles are fewer than the warps. Shared memory: W (operand B,
+// [n_pad][k_ld] in st_t) at 0, the batch tile of a in st_t (operand A, row-major [m_tile][k_ld]) after it, the fp32
+// partial products [splits][m_tile][n_pad] after that (mma_sum adds them up). Ends with a block barrier, so the
+// product is ready for every thread; the barrier after staging a also orders the previous tile's reads of prod
+// before this tile's stores. Columns k_pad..k_ld-1 are never read.
+template <typename scalar_t, typename in_t>
+__device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m0, int m_tile,
+                                      int n_pad, int k_pad, int k_ld, int splits, int passes) {
+  namespace wmma = rf::wmma;
+  using st_t = typename Mma<scalar_t>::st_t;
+  constexpr int kK = Mma<scalar_t>::kK;
+  const st_t* wt = reinterpret_cast<const st_t*>(smem);
+  st_t* at = reinterpret_cast<st_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
+  float* prod = reinterpret_cast<float*>(smem + mma_product_offset(sizeof(st_t), m_tile, n_pad, k_ld));
   // One warp per row, coalesced; through L2 (ld.cg), never a stale L1 line.
-  for (int m = threadIdx.x / 32; m < m_pad; m += blockDim.x / 32) {
+  for (int m = threadIdx.x / 32; m < m_tile; m += blockDim.x / 32) {
+    const int row = m0 + m;
     for (int k = threadIdx.x % 32; k < k_pad; k += 32)
-      from_float(m < M && k < K ? static_cast<float>(rf::ldcg(a + static_cast<int64_t>(m) * K + k)) : 0.f,
+      from_float(row < M && k < K ? static_cast<float>(rf::ldcg(a + static_cast<int64_t>(row) * K + k)) : 0.f,
                  &at[m * k_ld + k]);
   }
   rf::sync_block();
-  const int n_tiles = n_pad / 16, tiles = (m_pad / 16) * n_tiles, chunks = k_pad / 16;
+  const int n_tiles = n_pad / 16, tiles = (m_tile / 16) * n_tiles, chunks = k_pad / kK;
   for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
     const int tile = work % tiles, split = work / tiles;
     const int mt = tile / n_tiles, nt = tile % n_tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
     wmma::fill_fragment(acc, 0.f);
-    for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, at + static_cast<size_t>(mt) * 16 * k_ld + c * 16, k_ld);
-      wmma::load_matrix_sync(fb, wt + static_cast<size_t>(nt) * 16 * k_ld + c * 16, k_ld);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_pad + mt * 16) * n_pad + nt * 16, acc, n_pad,
+    for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c)
+      mma_chunk<scalar_t>(acc, at + static_cast<size_t>(mt) * 16 * k_ld + c * kK,
+                          wt + static_cast<size_t>(nt) * 16 * k_ld + c * kK, k_ld, passes);
+    wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_tile + mt * 16) * n_pad + nt * 16, acc, n_pad,
                             wmma::mem_row_major);
   }
   rf::sync_block();
 }
 
-// prod[m][n] of mma_recurrent_product: the sum of its K ranges' partial products.
-__device__ __forceinline__ float mma_sum(const unsigned char* smem, int m_pad, int n_pad, int k_ld, int splits,
-                                         int m, int n) {
-  const float* prod = reinterpret_cast<const float*>(smem + mma_product_offset(m_pad, n_pad, k_ld));
+// prod[m][n] of mma_recurrent_product (m within the batch tile): the sum of its K ranges' partial products.
+__device__ __forceinline__ float mma_sum(const unsigned char* smem, size_t elem, int m_tile, int n_pad, int k_ld,
+                                         int splits, int m, int n) {
+  const float* prod = reinterpret_cast<const float*>(smem + mma_product_offset(elem, m_tile, n_pad, k_ld));
   float v = 0.f;
-  for (int s = 0; s < splits; ++s) v += prod[(static_cast<size_t>(s) * m_pad + m) * n_pad + n];
+  for (int s = 0; s < splits; ++s) v += prod[(static_cast<size_t>(s) * m_tile + m) * n_pad + n];
   return v;
 }
 
@@ -325,7 +381,8 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
   // W_hh slice, [G][HB][H]: row (g, jl) is W_hh row g*H + j0 + jl; rows past H are zero.
-  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 32 bytes.
+  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 32
+  // bytes.
   unsigned char* smem_raw = rf::dynamic_smem();
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
 
@@ -333,9 +390,9 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   const int j0 = blockIdx.x * HB;
   const int nj = rf::imin(HB, H - j0);
   const int64_t BH = static_cast<int64_t>(B) * H;
-  using mma_t = typename MmaType<scalar_t>::type;
-  constexpr bool kHasMma = !std::is_void_v<mma_t>;
-  const bool tc = kHasMma && p.tensor_cores;
+  using st_t = typename Mma<scalar_t>::st_t;
+  constexpr bool kHasMma = !std::is_void_v<st_t>;
+  const bool tc = kHasMma && p.passes != 0;
   if (!tc) {
     for (int idx = threadIdx.x; idx < G * HB * H; idx += blockDim.x) {
       const int k = idx % H, row = idx / H, g = row / HB, jl = row % HB;
@@ -345,11 +402,10 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   if constexpr (kHasMma) {
     if (tc) {
       // WMMA operand B, column-major [n_pad][k_ld]: column n = g*HB + jl is W_hh row g*H + j0 + jl, zero-padded.
-      mma_t* wt = reinterpret_cast<mma_t*>(smem_raw);
-      const mma_t* w_hh = reinterpret_cast<const mma_t*>(p.w_hh);
+      st_t* wt = reinterpret_cast<st_t*>(smem_raw);
       for (int idx = threadIdx.x; idx < p.n_pad * p.k_pad; idx += blockDim.x) {
         const int n = idx / p.k_pad, k = idx % p.k_pad, g = n / HB, jl = n % HB;
-        if (n < G * HB && jl < nj && k < H) wt[n * p.k_ld + k] = w_hh[static_cast<int64_t>(g * H + j0 + jl) * H + k];
+        if (n < G * HB && jl < nj && k < H) wt[n * p.k_ld + k] = p.w_hh[static_cast<int64_t>(g * H + j0 + jl) * H + k];
         else from_float(0.f, &wt[n * p.k_ld + k]);
       }
     }
@@ -357,101 +413,109 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   rf::sync_block();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* prefetched = reinterpret_cast<float*>(
-      smem_raw + prefetch_offset(sizeof(scalar_t), B, gates_of(CELL) * HB, H));  // WMMA path, hoisted mode only
+  // WMMA path, hoisted mode only: the hoisted input part, [2][B][G][nj] fp32.
+  float* prefetched = reinterpret_cast<float*>(smem_raw + prefetch_offset(sizeof(scalar_t), p.m_tile, G * HB, H));
+  const bool hoisted = p.gx != nullptr;
   if constexpr (kHasMma) {
-    if (tc && p.gx != nullptr) prefetch_input<CELL>(p.gx, prefetched, p.reverse ? T - 1 : 0, B, H, j0, nj);
+    if (tc && hoisted) prefetch_input<CELL>(p.gx, prefetched, p.reverse ? T - 1 : 0, B, H, j0, nj);
   }
+  // Rows of the batch per pass: one m_tile-row batch tile at a time on tensor cores, the whole batch on FMA.
+  const int rows = tc ? p.m_tile : B;
   for (int s = 0; s < T; ++s) {
     const int t = p.reverse ? T - 1 - s : s;
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
     const bool last = s == T - 1;
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
     const scalar_t* h_in = p.hs + t * BH;
-    if constexpr (kHasMma) {
-      if (tc) {
-        const bool hoisted = p.gx != nullptr;
-        // This step's input part landed (this thread's copies; everyone's after the product's block barrier).
-        if (hoisted) rf::cp_async_wait_all();
-        mma_recurrent_product<mma_t>(p.hs + t * BH, smem_raw, B, H, p.m_pad, p.n_pad, p.k_pad, p.k_ld, p.splits);
-        if (hoisted) {
-          // The next step's input part, into the other buffer (last read two steps ago), while this one ends.
-          const float* gx_now = prefetched + (s % 2) * B * G * nj;
-          if (!last) prefetch_input<CELL>(p.gx, prefetched + ((s + 1) % 2) * B * G * nj, t_next, B, H, j0, nj);
-          // The pointwise part, one thread per (sequence, own unit): nothing is left to reduce.
-          for (int item = threadIdx.x; item < B * nj; item += blockDim.x) {
-            const int b = item / nj, jl = item % nj;
-            acc_t ah[G], ax[G];
+    // This step's input part landed (this thread's copies; everyone's after the first product's block barrier).
+    if (tc && hoisted) rf::cp_async_wait_all();
+    for (int b0 = 0; b0 < B; b0 += rows) {
+      const int b1 = rf::imin(B, b0 + rows);
+      if constexpr (kHasMma) {
+        if (tc) {
+          mma_recurrent_product<scalar_t>(h_in, smem_raw, B, H, b0, p.m_tile, p.n_pad, p.k_pad, p.k_ld, p.splits,
+                                          p.passes);
+          if (hoisted) {
+            // The next step's input part, into the other buffer (last read two steps ago), while this one ends.
+            const float* gx_now = prefetched + (s % 2) * B * G * nj;
+            if (b0 == 0 && !last)
+              prefetch_input<CELL>(p.gx, prefetched + ((s + 1) % 2) * B * G * nj, t_next, B, H, j0, nj);
+            // The pointwise part, one thread per (sequence, own unit): nothing is left to reduce.
+            for (int item = threadIdx.x; item < (b1 - b0) * nj; item += blockDim.x) {
+              const int b = b0 + item / nj, jl = item % nj;
+              acc_t ah[G], ax[G];
+#pragma unroll
+              for (int g = 0; g < G; ++g) {
+                ah[g] = static_cast<acc_t>(
+                    mma_sum(smem_raw, sizeof(scalar_t), p.m_tile, p.n_pad, p.k_ld, p.splits, b - b0, g * HB + jl));
+                ax[g] = static_cast<acc_t>(gx_now[(b * G + g) * nj + jl]);
+              }
+              forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, true);
+            }
+            continue;
+          }
+        }
+      }
+      // One warp per (sequence, chunk of kUnits own units): every h_{t-1} and x_t element is read once per chunk.
+      const int chunks = (nj + kUnits - 1) / kUnits;
+      for (int item = warp; item < (b1 - b0) * chunks; item += kWarps) {
+        const int b = b0 + item / chunks, jc = (item % chunks) * kUnits;
+        const scalar_t* h_row = h_in + static_cast<int64_t>(b) * H;
+        acc_t ah[kUnits][G], ax[kUnits][G];  // hidden and input parts of the pre-activations
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) ah[u][g] = ax[u][g] = acc_t(0);
+        }
+        if (!tc) {
+          for (int k = lane; k < H; k += 32) {
+            const acc_t hv = static_cast<acc_t>(rf::ldcg(h_row + k));
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u) {
+              if (jc + u < nj) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) ah[u][g] += hv * static_cast<acc_t>(w_s[(g * HB + jc + u) * H + k]);
+              }
+            }
+          }
+        }
+        if (p.gx == nullptr) {  // fused: x_t times these units' W_ih rows, here in the step
+          const scalar_t* x_row = p.x + (static_cast<int64_t>(t) * B + b) * I;
+          for (int k = lane; k < I; k += 32) {
+            const acc_t xv = static_cast<acc_t>(x_row[k]);
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u) {
+              if (jc + u < nj) {
+#pragma unroll
+                for (int g = 0; g < G; ++g)
+                  ax[u][g] += xv * static_cast<acc_t>(p.w_ih[static_cast<int64_t>(g * H + j0 + jc + u) * I + k]);
+              }
+            }
+          }
+        }
+        // The guards are warp-uniform, so every lane takes part in each shuffle.
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u) {
+          if (jc + u < nj) {
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-              ah[g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jl));
-              ax[g] = static_cast<acc_t>(gx_now[(b * G + g) * nj + jl]);
-            }
-            forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, true);
-          }
-          if (!last) rf::sync_grid();
-          continue;
-        }
-      }
-    }
-    // One warp per (sequence, chunk of kUnits own units): every h_{t-1} and x_t element is read once per chunk.
-    const int chunks = (nj + kUnits - 1) / kUnits;
-    for (int item = warp; item < B * chunks; item += kWarps) {
-      const int b = item / chunks, jc = (item % chunks) * kUnits;
-      const scalar_t* h_row = h_in + static_cast<int64_t>(b) * H;
-      acc_t ah[kUnits][G], ax[kUnits][G];  // hidden and input parts of the pre-activations
-#pragma unroll
-      for (int u = 0; u < kUnits; ++u) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) ah[u][g] = ax[u][g] = acc_t(0);
-      }
-      if (!tc) {
-        for (int k = lane; k < H; k += 32) {
-          const acc_t hv = static_cast<acc_t>(rf::ldcg(h_row + k));
-#pragma unroll
-          for (int u = 0; u < kUnits; ++u) {
-            if (jc + u < nj) {
-#pragma unroll
-              for (int g = 0; g < G; ++g) ah[u][g] += hv * static_cast<acc_t>(w_s[(g * HB + jc + u) * H + k]);
+              if (!tc) ah[u][g] = warp_sum(ah[u][g]);
+              if (p.gx == nullptr) ax[u][g] = warp_sum(ax[u][g]);
             }
           }
         }
-      }
-      if (p.gx == nullptr) {  // fused: x_t times these units' W_ih rows, here in the step
-        const scalar_t* x_row = p.x + (static_cast<int64_t>(t) * B + b) * I;
-        for (int k = lane; k < I; k += 32) {
-          const acc_t xv = static_cast<acc_t>(x_row[k]);
+        // Lane u finishes unit jc + u (every lane holds every sum; static indices keep the arrays in registers).
 #pragma unroll
-          for (int u = 0; u < kUnits; ++u) {
-            if (jc + u < nj) {
+        for (int u = 0; u < kUnits; ++u) {
+          if (lane == u && jc + u < nj) {
+            if (tc) {
 #pragma unroll
               for (int g = 0; g < G; ++g)
-                ax[u][g] += xv * static_cast<acc_t>(p.w_ih[static_cast<int64_t>(g * H + j0 + jc + u) * I + k]);
+                ah[u][g] = static_cast<acc_t>(mma_sum(smem_raw, sizeof(scalar_t), p.m_tile, p.n_pad, p.k_ld,
+                                                      p.splits, b - b0, g * HB + jc + u));
             }
+            forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u]);
           }
-        }
-      }
-      // The guards are warp-uniform, so every lane takes part in each shuffle.
-#pragma unroll
-      for (int u = 0; u < kUnits; ++u) {
-        if (jc + u < nj) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            if (!tc) ah[u][g] = warp_sum(ah[u][g]);
-            if (p.gx == nullptr) ax[u][g] = warp_sum(ax[u][g]);
-          }
-        }
-      }
-      // Lane u finishes unit jc + u (every lane holds every sum; static indices keep the arrays in registers).
-#pragma unroll
-      for (int u = 0; u < kUnits; ++u) {
-        if (lane == u && jc + u < nj) {
-          if (tc) {
-#pragma unroll
-            for (int g = 0; g < G; ++g)
-              ah[u][g] = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, g * HB + jc + u));
-          }
-          forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u]);
         }
       }
     }
@@ -480,9 +544,9 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   const int nk = rf::imin(HB, H - k0);
   const int GH = G * H;
   const int64_t BH = static_cast<int64_t>(B) * H;
-  using mma_t = typename MmaType<scalar_t>::type;
-  constexpr bool kHasMma = !std::is_void_v<mma_t>;
-  const bool tc = kHasMma && p.tensor_cores;
+  using st_t = typename Mma<scalar_t>::st_t;
+  constexpr bool kHasMma = !std::is_void_v<st_t>;
+  const bool tc = kHasMma && p.passes != 0;
   if (!tc) {
     for (int idx = threadIdx.x; idx < HB * GH; idx += blockDim.x) {
       const int r = idx % GH, kl = idx / GH;
@@ -491,11 +555,10 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   }
   if constexpr (kHasMma) {
     if (tc) {
-      mma_t* wt = reinterpret_cast<mma_t*>(smem_raw);
-      const mma_t* w_hh = reinterpret_cast<const mma_t*>(p.w_hh);
+      st_t* wt = reinterpret_cast<st_t*>(smem_raw);
       for (int idx = threadIdx.x; idx < p.n_pad * p.k_pad; idx += blockDim.x) {
         const int n = idx / p.k_pad, r = idx % p.k_pad;
-        if (n < nk && r < GH) wt[n * p.k_ld + r] = w_hh[static_cast<int64_t>(r) * H + k0 + n];
+        if (n < nk && r < GH) wt[n * p.k_ld + r] = p.w_hh[static_cast<int64_t>(r) * H + k0 + n];
         else from_float(0.f, &wt[n * p.k_ld + r]);
       }
     }
@@ -553,14 +616,17 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
     // Phase B: dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
     if constexpr (kHasMma) {
       if (tc) {
-        // On tensor cores, then one thread per (sequence, own unit).
-        mma_recurrent_product<mma_t>(p.d_hid + static_cast<int64_t>(t) * B * GH, smem_raw, B, GH, p.m_pad,
-                                     p.n_pad, p.k_pad, p.k_ld, p.splits);
-        for (int item = threadIdx.x; item < B * nk; item += blockDim.x) {
-          const int b = item / nk, kl = item % nk;
-          const int64_t bk = static_cast<int64_t>(b) * H + k0 + kl;
-          const acc_t sum = static_cast<acc_t>(mma_sum(smem_raw, p.m_pad, p.n_pad, p.k_ld, p.splits, b, kl));
-          p.dh[bk] = is_active(p.lengths, t, b) ? p.direct[bk] + sum : p.direct[bk];
+        // On tensor cores, one m_tile-row batch tile at a time, then one thread per (sequence, own unit).
+        for (int b0 = 0; b0 < B; b0 += p.m_tile) {
+          mma_recurrent_product<scalar_t>(p.d_hid + static_cast<int64_t>(t) * B * GH, smem_raw, B, GH, b0, p.m_tile,
+                                          p.n_pad, p.k_pad, p.k_ld, p.splits, p.passes);
+          for (int item = threadIdx.x; item < (rf::imin(B, b0 + p.m_tile) - b0) * nk; item += blockDim.x) {
+            const int b = b0 + item / nk, kl = item % nk;
+            const int64_t bk = static_cast<int64_t>(b) * H + k0 + kl;
+            const acc_t sum = static_cast<acc_t>(
+                mma_sum(smem_raw, sizeof(scalar_t), p.m_tile, p.n_pad, p.k_ld, p.splits, b - b0, kl));
+            p.dh[bk] = is_active(p.lengths, t, b) ? p.direct[bk] + sum : p.direct[bk];
+          }
         }
         rf::sync_block();
         continue;
@@ -608,6 +674,31 @@ inline int invalid(const char* what, const std::string& why) {
   return RNNFAST_INVALID;
 }
 
+// The tensor-core fields of both kernels' arguments from the C parameters: passes (0 FMA, 1, or 3 for 3xTF32) and
+// the batch tile (m_tile 0: the whole batch, padded to 16). False, with the reason set, for a mode the dtype has not.
+template <typename scalar_t>
+bool set_tensor_cores(int32_t mode, int64_t m_tile, int B, const char* what, int* passes, int* tile) {
+  constexpr bool kHasMma = !std::is_void_v<typename Mma<scalar_t>::st_t>;
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
+  if (mode != 0 && mode != 1 && mode != 3) {
+    invalid(what, "tensor_cores must be 0 (FMA), 1 or 3 (3xTF32), got " + std::to_string(mode));
+    return false;
+  }
+  if ((mode != 0 && !kHasMma) || (mode == 3 && !kTf32)) {
+    invalid(what, std::string("tensor_cores ") + std::to_string(mode) + " is not a mode of this dtype (" +
+                      (kTf32 ? "float32 has 1 (TF32) and 3 (3xTF32)" : kHasMma ? "16-bit types have 1" : "none") +
+                      ")");
+    return false;
+  }
+  if (m_tile < 0 || m_tile % 16 != 0) {
+    invalid(what, "m_tile must be a non-negative multiple of 16, got " + std::to_string(m_tile));
+    return false;
+  }
+  *passes = mode;
+  *tile = m_tile == 0 ? pad16(B) : static_cast<int>(m_tile < pad16(B) ? m_tile : pad16(B));
+  return true;
+}
+
 // One forward launch from the C parameters: ForwardArgs filled here, in one place.
 template <typename scalar_t, int CELL>
 int launch_forward(const rnnfast_forward_params* a, void* stream, const char* what) {
@@ -643,14 +734,13 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.H = static_cast<int>(a->H);
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
-  p.tensor_cores = a->tensor_cores != 0 && !std::is_void_v<typename MmaType<scalar_t>::type>;
-  p.m_pad = static_cast<int>(ceil_div(p.B, 16) * 16);
-  p.n_pad = static_cast<int>(ceil_div(static_cast<int64_t>(gates_of(CELL)) * p.HB, 16) * 16);
-  p.k_pad = static_cast<int>(ceil_div(p.H, 16) * 16);
+  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
+  p.n_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.HB);
+  p.k_pad = pad16(p.H);
   p.k_ld = p.k_pad + 8;
-  p.splits = mma_splits(p.m_pad, p.n_pad, p.k_pad);
+  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, Mma<scalar_t>::kK);
   const int64_t blocks = ceil_div(p.H, p.HB);
-  const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
+  const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem, stream,
                                 what, &last_error());
 }
@@ -684,14 +774,13 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.H = static_cast<int>(a->H);
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
-  p.tensor_cores = a->tensor_cores != 0 && !std::is_void_v<typename MmaType<scalar_t>::type>;
-  p.m_pad = pad16(p.B);
+  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
   p.n_pad = pad16(p.HB);
   p.k_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.H);
   p.k_ld = p.k_pad + 8;
-  p.splits = mma_splits(p.m_pad, p.n_pad, p.k_pad);
+  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, Mma<scalar_t>::kK);
   const int64_t blocks = ceil_div(p.H, p.HB);
-  const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.tensor_cores);
+  const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem,
                                 stream, what, &last_error());
 }

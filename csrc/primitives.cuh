@@ -14,7 +14,8 @@
 //                                 closes a group, cp_async_wait_all() waits for every copy this thread issued (the
 //                                 other threads see them after a block barrier)
 //   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
-//                                 store_matrix_sync for 16x16x16 half/bf16 tiles with float accumulators
+//                                 store_matrix_sync for 16x16x16 half/bf16 tiles and 16x16x8 TF32 tiles
+//                                 (precision::tf32, __float_to_tf32), with float accumulators
 //   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below)
 //
 // Under RNNFAST_EMULATE the CUDA qualifiers are defined away, threadIdx/blockIdx/blockDim/gridDim are variables the
@@ -167,5 +168,6 @@ template <typename T>
 RF_HOST_DEVICE float to_float(T v) { return static_cast<float>(v); }
 RF_DEVICE void from_float(float v, half_t* out) { *out = half_t(v); }
 RF_DEVICE void from_float(float v, bf16_t* out) { *out = bf16_t(v); }
+RF_DEVICE void from_float(float v, float* out) { *out = v; }
 
 }  // namespace rf

@@ -13,6 +13,11 @@ valid step).
 through time that the kernel backends implement (gate gradients in reverse time, then the weight, bias and input
 gradients as GEMMs over all steps). Low-precision inputs are computed in float32 and rounded at the end, which is
 what the kernels do (fp32 accumulation and fp32 cell state).
+
+``tf32=True`` (float32) rounds the operands of the recurrent products, ``h_{t-1}`` and ``W_hh`` forward and the
+hidden-part gate gradients and ``W_hh`` backward, to TF32 (:func:`round_tf32`) before they are multiplied, as tensor
+cores do under ``torch.backends.cudnn.allow_tf32``: the same-precision baseline of a kernel that runs those products
+in TF32 and everything else in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the reference computes in: float32 for half types, the dtype itself otherwise."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def round_tf32(t: Tensor) -> Tensor:
+    """float32 ``t`` rounded to TF32 (10 mantissa bits, float32's exponent) to nearest, ties away from zero, as
+    PTX ``cvt.rna.tf32.f32`` does; inf and NaN unchanged. Other dtypes are returned as they are."""
+    if t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    # Sign and magnitude: adding half of the dropped part to the magnitude bits rounds ties away from zero, and a
+    # carry into the exponent is the next binade (or inf).
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t)
 
 
 def _steps(T: int, reverse: bool) -> range:
@@ -111,20 +128,22 @@ def lstm_update_backward(dh: Tensor, dc: Tensor, c: Tensor, i: Tensor, f: Tensor
 
 
 def cell_step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor,
-              b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None = None):
+              b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None = None, tf32: bool = False):
     """One time step of ``cell`` for a batch. Returns ``(h_new, c_new, gates)``.
 
     ``gates`` holds what the backward needs: the activated gates (RNN: ``h_new``; GRU: ``r, z, n`` and the hidden
-    part of the ``n`` pre-activation; LSTM: ``i, f, g, o``), laid out along the last dimension.
+    part of the ``n`` pre-activation; LSTM: ``i, f, g, o``), laid out along the last dimension. ``tf32``: the
+    recurrent product's operands rounded to TF32 (see the module docstring).
     """
+    hr, w_hhr = (round_tf32(h), round_tf32(w_hh)) if tf32 else (h, w_hh)
     if cell == "gru":
-        gx, gh = x @ w_ih.t(), h @ w_hh.t()
+        gx, gh = x @ w_ih.t(), hr @ w_hhr.t()
         if b_ih is not None:
             gx, gh = gx + b_ih, gh + b_hh
         h_new, r, z, n, gh_n = gru_update(gx, gh, h)
         return h_new, None, torch.cat([r, z, n, gh_n], dim=1)
 
-    pre = torch.cat([x, h], dim=1) @ torch.cat([w_ih, w_hh], dim=1).t()
+    pre = torch.cat([x, hr], dim=1) @ torch.cat([w_ih, w_hhr], dim=1).t()
     if b_ih is not None:
         pre = pre + b_ih + b_hh
     if cell in ("rnn_tanh", "rnn_relu"):
@@ -140,7 +159,7 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w
 
 def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
-                  lengths: Tensor | None = None, reverse: bool = False):
+                  lengths: Tensor | None = None, reverse: bool = False, tf32: bool = False):
     """Run one layer of ``cell`` in one direction over a whole sequence.
 
     Args:
@@ -148,6 +167,7 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Ten
         w_ih: ``(G*H, I)``; w_hh: ``(G*H, H_out)``; b_ih, b_hh: ``(G*H,)`` or None; w_hr: ``(H_out, H)`` or None.
         lengths: ``(B,)`` integer valid lengths, or None for all ``T``.
         reverse: process each sequence from its last valid step to its first.
+        tf32: the recurrent products in TF32 (float32 only; see the module docstring).
 
     Returns ``(y, h_n, c_n)``: ``y`` is ``(T, B, H_out)`` with zeros at padded steps, ``c_n`` is None unless LSTM.
     """
@@ -161,7 +181,7 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Ten
     T, B = x.shape[0], x.shape[1]
     ys = [None] * T
     for t in _steps(T, reverse):
-        h_new, c_new, _ = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        h_new, c_new, _ = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, tf32)
         m = _active(t, lengths, B, x.device)
         if m is None:
             ys[t], h, c = h_new, h_new, c_new
@@ -203,7 +223,7 @@ def _step_backward(cell: str, dh: Tensor, dc: Tensor | None, h: Tensor, c: Tenso
 def layer_backward(cell: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor | None, x: Tensor, h0: Tensor,
                    c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
                    b_hh: Tensor | None = None, w_hr: Tensor | None = None, lengths: Tensor | None = None,
-                   reverse: bool = False):
+                   reverse: bool = False, tf32: bool = False):
     """Explicit back-propagation through time for :func:`layer_forward`.
 
     Recomputes the forward states, then walks the steps in the opposite order, carrying ``dh`` (and ``dc``)
@@ -222,7 +242,7 @@ def layer_backward(cell: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
     # Forward again, keeping the state before each step and the step's gates.
     saved = {}
     for t in order:
-        h_new, c_new, gates = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        h_new, c_new, gates = cell_step(cell, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, tf32)
         saved[t] = (h, c, gates)
         m = _active(t, lengths, B, x.device)
         h = h_new if m is None else torch.where(m, h_new, h)
@@ -248,7 +268,7 @@ def layer_backward(cell: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
         d_in[t], d_hid[t] = di, dhid
         if dwr is not None:
             dw_hr += dwr
-        dh_prev = dhid @ w_hh
+        dh_prev = round_tf32(dhid) @ round_tf32(w_hh) if tf32 else dhid @ w_hh
         if dh_direct is not None:
             dh_prev = dh_prev + dh_direct
         if m is None:

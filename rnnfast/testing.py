@@ -52,6 +52,17 @@ def assert_within_baseline(actual, oracle64, baseline, msg=""):
     assert err <= bound, f"{msg}: error {err:.3e} vs baseline {base:.3e} (bound {bound:.3e})"
 
 
+def tf32_oracle(t: torch.Tensor) -> torch.Tensor:
+    """float32 ``t`` rounded to TF32 (11 significant bits; below 2^-126 the fixed quantum 2^-136: float32's exponent
+    range with 10 fraction bits), to nearest, ties away from zero. Computed in float64 from the exponent, not from
+    the bits as :func:`rnnfast.reference.round_tf32` and the CUDA emulation do, so that it can check them."""
+    v = t.double()
+    _, e = torch.frexp(v)  # v = m 2^e, 0.5 <= |m| < 1
+    quantum = torch.exp2(torch.clamp(e - 11, min=-136).double())
+    out = torch.copysign(torch.floor(v.abs() / quantum + 0.5) * quantum, v)
+    return torch.where(torch.isfinite(v), out, v).float()  # past the largest float: inf
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN (or the integer maximum) so an element a kernel forgot to write fails the test."""
     if t.is_floating_point():

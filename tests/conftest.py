@@ -20,6 +20,17 @@ from rnnfast.testing import (BASELINE_FACTOR, TOLERANCES, assert_close, assert_w
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ieee_float32():
+    """float32 in IEEE precision, unless a test asks for TF32 (and restores the switch itself): the table's float32
+    tolerance is IEEE's, and torch.nn's RNNs (cuDNN) and the kernels alike follow torch.backends.cudnn.allow_tf32,
+    which is on by default."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture
 def poison_torch_memory(monkeypatch):
     """Make torch.empty / empty_like / new_empty return NaN-filled tensors for the duration of a test."""

@@ -306,8 +306,10 @@ def test_no_bias_and_many_blocks(library, cell):
 
 @pytest.mark.parametrize("cell,dtype,H", [("gru", torch.float32, 1100), ("lstm", torch.float64, 600),
                                           ("rnn_tanh", torch.float32, 2000)], ids=lambda v: str(v))
-def test_blocks_with_several_unit_chunks(library, cell, dtype, H, poisoned_cuda):
-    """Blocks owning more units than one warp computes together (8 in float32, 4 in float64): several chunks."""
+def test_blocks_with_several_unit_chunks(library, cell, dtype, H, monkeypatch, poisoned_cuda):
+    """Blocks owning more units than one warp computes together on FMA (8 in float32, 4 in float64): several
+    chunks."""
+    monkeypatch.setattr(rc, "TENSOR_CORES", False)
     T, B, I = 4, 3, 9
     block_h = rc.plan(cell, H, dtype, DEVICE)[0]
     assert block_h > (4 if dtype == torch.float64 else 8)
@@ -385,6 +387,71 @@ def test_tensor_cores_with_several_units_a_block(library, cell, dtype, poisoned_
                              base_outs + base_grads):
         if r is not None:
             assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
+
+
+@pytest.mark.parametrize("cell,dtype,mode", [("lstm", torch.bfloat16, "hoisted"), ("gru", torch.float16, "fused"),
+                                             ("rnn_tanh", torch.bfloat16, "hoisted"), ("gru", torch.float32, "hoisted"),
+                                             ("lstm", torch.float32, "fused")],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_batch_tiles_on_tensor_cores(library, cell, dtype, mode, monkeypatch, poisoned_cuda):
+    """B=37 in tiles of 16 rows (the last one 5 rows): every tile's product, its epilogue, and the next step's input
+    prefetched during the first tile, forward and backward. Half types within the cuDNN baseline; float32 (3xTF32),
+    with unequal lengths, within the float32 tolerance."""
+    T, B, I, H = 4, 37, 9, 40
+    monkeypatch.setattr(rc, "M_TILE_LIMIT", 16)
+    block_h = rc.plan(cell, H, dtype, DEVICE)[0]
+    for kind in ("forward", "backward"):
+        assert rc.tensor_core_rows(cell, B, H, dtype, DEVICE, block_h, kind) == 16
+    # Unequal lengths in float32 (torch.nn's baseline of the half types has none here).
+    lengths = [4, 1, 0, 3] + [4 - b % 5 for b in range(B - 4)] if dtype == torch.float32 else None
+    a = _inputs(cell, T, B, I, H, dtype, lengths=lengths, seed=B + H, scale=0.5 / math.sqrt(H))
+    up = _upstream(cell, T, B, H, dtype)
+    reverse = cell != "gru"
+    outs, grads = _run_backend(cell, a, reverse, mode, up)
+    ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+    if dtype == torch.float32:
+        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
+        return
+    base_outs, base_grads = _cudnn(cell, a, reverse, up)
+    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
+                             base_outs + base_grads):
+        if r is not None:
+            assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_tf32_under_the_switch_torch_nn_rnns_obey(library, cell, mode, poisoned_cuda):
+    """float32 under torch.backends.cudnn.allow_tf32: the recurrent products in TF32, within the baseline of the
+    reference computing them in TF32 (float32 otherwise); and further from float64 than 3xTF32, which runs with the
+    switch off, so TF32 is what ran."""
+    T, B, I, H = 5, 20, 9, 37
+    a = _inputs(cell, T, B, I, H, torch.float32, seed=zlib.crc32(f"tf32-{cell}-{mode}".encode()),
+                scale=0.5 / math.sqrt(H))
+    up = _upstream(cell, T, B, H, torch.float32)
+    assert rc.tensor_core_mode(torch.float32) == rc.TF32X3  # conftest: IEEE float32 unless a test asks
+    ieee_outs, ieee_grads = _run_backend(cell, a, False, mode, up)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert rc.tensor_core_mode(torch.float32) == rc.TF32
+        outs, grads = _run_backend(cell, a, False, mode, up)
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    ref_outs, ref_grads = reference_layer(cell, a, False, up)
+    f32 = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
+    args = (f32(a["x"]), f32(a["h0"]), f32(a.get("c0")), f32(a["w_ih"]), f32(a["w_hh"]), f32(a.get("b_ih")),
+            f32(a.get("b_hh")), None, None, False)
+    base_outs = reference.layer_forward(cell, *args, tf32=True)
+    base_grads = reference.layer_backward(cell, *up, *args, tf32=True)[:7]
+    worse = 0
+    for name, o, i, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ieee_outs + ieee_grads,
+                                ref_outs + ref_grads, base_outs + base_grads):
+        if r is None:
+            continue
+        assert_within_baseline(o, r, b, msg=f"{cell} {mode} TF32 {name}")
+        assert_close(i, r, msg=f"{cell} {mode} 3xTF32 {name}")
+        worse += (o.double() - r).abs().max() > 4 * (i.double() - r).abs().max()
+    assert worse >= 3, "TF32 is no less accurate than 3xTF32: the switch did not reach the kernels"
 
 
 @pytest.mark.gpu
@@ -551,12 +618,13 @@ def test_half_kernels_use_tensor_cores_forward_and_backward_and_nothing_spills(g
     for r in rows:
         name = f"{r['cell']} {r['dtype']} {r['kind']}"
         assert r["local"] == 0 and r["stack"] == 0, f"{name}: spills to local memory ({r})"
-        if r["dtype"] in ("f16", "bf16"):
+        if r["dtype"] in ("f16", "bf16", "f32"):
+            # float32's are TF32 (one pass under cudnn.allow_tf32, three without).
             assert r["hmma"] > 0, f"{name}: no tensor-core instruction"
             # The forward prefetches the next step's input part with cp.async (LDGSTS); the backward has none.
             assert (r["ldgsts"] > 0) == (r["kind"] == "forward"), f"{name}: {r['ldgsts']} cp.async"
         else:
-            assert r["hmma"] == 0, f"{name}: IEEE {r['dtype']} must not round its operands on tensor cores"
+            assert r["hmma"] == 0, f"{name}: float64 must not round its operands on tensor cores"
 
 
 @pytest.mark.slow
@@ -575,11 +643,14 @@ def test_shared_memory_of_a_plan_is_the_library_s_own(library):
     """Python decides tensor cores from the same shared-memory size the library launches with."""
     ids = {c: i for i, c in enumerate(CELLS)}
     for cell in CELLS:
-        for dtype, did in ((torch.float16, 2), (torch.bfloat16, 3)):
-            for B, H, bh in ((1, 37, 1), (20, 37, 3), (16, 768, 6), (64, 512, 4)):
+        for dtype, did in ((torch.float16, 2), (torch.bfloat16, 3), (torch.float32, 0)):
+            size = rc._ITEMSIZE[dtype]
+            for B, H, bh, m_tile in ((1, 37, 1, 16), (20, 37, 3, 32), (16, 768, 6, 16), (64, 512, 4, 64),
+                                     (256, 1024, 8, 48), (37, 40, 1, 16)):
                 G = reference.GATES[cell]
-                assert library.rnnfast_forward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
-                    rc.tensor_core_smem_bytes("forward", cell, B, H, bh), (cell, B, H, bh)
-                assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 1) == \
-                    rc.tensor_core_smem_bytes("backward", cell, B, H, bh), (cell, B, H, bh)
-                assert library.rnnfast_backward_smem_bytes(ids[cell], did, B, H, bh, 0) == 2 * G * bh * H
+                for kind, query in (("forward", library.rnnfast_forward_smem_bytes),
+                                    ("backward", library.rnnfast_backward_smem_bytes)):
+                    assert query(ids[cell], did, B, H, bh, m_tile) == \
+                        rc.tensor_core_smem_bytes(kind, cell, B, H, bh, size, m_tile), (cell, kind, B, H, bh, m_tile)
+                    assert query(ids[cell], did, B, H, bh, 0) == size * G * bh * H
+    assert library.rnnfast_forward_smem_bytes(ids["lstm"], 1, 16, 64, 1, 16) == 8 * 4 * 64  # float64: FMA only

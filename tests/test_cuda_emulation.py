@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import torch
 
+from rnnfast.testing import tf32_oracle
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 KERNELS = Path(__file__).resolve().parent / "cuda_emulation" / "kernels.cu"
@@ -396,6 +398,10 @@ def stored(mat: torch.Tensor, col: bool, ld: int) -> torch.Tensor:
     return mem
 
 
+def tf32_rna(v: np.ndarray) -> np.ndarray:
+    return tf32_oracle(torch.from_numpy(v)).numpy()
+
+
 def wmma_case(dtype, a_col, b_col, c_col, d_col, lda=None, ldb=None, ldc=None, a_offset=0, mode=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(M, K, generator=g).to(dtype)
@@ -409,9 +415,17 @@ def wmma_case(dtype, a_col, b_col, c_col, d_col, lda=None, ldb=None, ldc=None, a
     a_mem = torch.cat([a_mem.flatten(), torch.zeros(16, dtype=dtype)])  # room for a_offset
     b_mem, c_mem = stored(B, b_col, ldb).flatten(), stored(C, c_col, ldc).flatten()
     d_mem = torch.full(((N if d_col else M) * ldd,), float("nan"))
-    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16).copy()  # noqa: E731
-    bufs = [bits(a_mem), bits(b_mem), c_mem.numpy().copy(), d_mem.numpy().copy()]
-    ints = [0 if dtype == torch.float16 else 1, M, N, K, lda, ldb, ldc, ldd, int(a_col), int(b_col), int(c_col),
+    if dtype == torch.float32:  # TF32: float in memory, rounded in each fragment (mode 3: truncated, unconverted)
+        bufs = [a_mem.numpy().copy(), b_mem.numpy().copy(), c_mem.numpy().copy(), d_mem.numpy().copy()]
+        if mode == 3:
+            A, B = (torch.from_numpy((t.numpy().view(np.uint32) & 0xFFFFE000).view(np.float32)) for t in (A, B))
+        else:
+            A, B = torch.from_numpy(tf32_rna(A.numpy())), torch.from_numpy(tf32_rna(B.numpy()))
+    else:
+        bits = lambda t: t.view(torch.int16).numpy().view(np.uint16).copy()  # noqa: E731
+        bufs = [bits(a_mem), bits(b_mem), c_mem.numpy().copy(), d_mem.numpy().copy()]
+    kind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
+    ints = [kind, M, N, K, lda, ldb, ldc, ldd, int(a_col), int(b_col), int(c_col),
             int(d_col), bufs[0].size, bufs[1].size, bufs[2].size, bufs[3].size, a_offset, 64, mode]
     ref = A.double() @ B.double() + C.double()
     bound = (A.double().abs() @ B.double().abs() + C.double().abs()) * 2.0**-18  # fp32 sums of 65 terms
@@ -420,8 +434,10 @@ def wmma_case(dtype, a_col, b_col, c_col, d_col, lda=None, ldb=None, ldc=None, a
 
 @pytest.mark.parametrize("a_col,b_col,c_col,d_col", [(0, 1, 0, 0), (0, 0, 1, 0), (1, 0, 0, 1), (1, 1, 1, 1)],
                          ids=["a_row-b_col", "a_row-b_row-c_col", "a_col-b_row-d_col", "all_col"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 def test_wmma_tiles_match_a_float64_product(lib, tmp_path, dtype, a_col, b_col, c_col, d_col):
+    """16x16x16 tiles of the 16-bit types, 16x16x8 TF32 tiles (float32 operands rounded in the fragments): against
+    the float64 product of the operands as the tensor core sees them."""
     bufs, ints, ref, bound, ldd = wmma_case(dtype, a_col, b_col, c_col, d_col)
     r = run(lib, tmp_path, "wmma", bufs, ints)
     assert r.rc == 0, r.error
@@ -431,6 +447,37 @@ def test_wmma_tiles_match_a_float64_product(lib, tmp_path, dtype, a_col, b_col, 
     assert mem[:, (M if d_col else N):].isnan().all(), "a store wrote outside its tile"
     err = (D - ref).abs()
     assert (err <= bound).all(), f"max error {err.max():.3g} (bound {bound[err.argmax() // N, err.argmax() % N]:.3g})"
+
+
+def test_tf32_operands_are_read_truncated_unless_converted(lib, tmp_path):
+    """A TF32 operand never passed through __float_to_tf32 loses its low 13 bits, as the tensor core reads it: the
+    product is that of the truncated operands, and differs from the rounded one."""
+    bufs, ints, ref, bound, ldd = wmma_case(torch.float32, 0, 1, 0, 0, mode=3)
+    r = run(lib, tmp_path, "wmma", bufs, ints)
+    assert r.rc == 0, r.error
+    D = torch.from_numpy(r.bufs[3]).view(M, ldd)[:, :N].double()
+    assert ((D - ref).abs() <= bound).all()
+    _, _, rounded, _, _ = wmma_case(torch.float32, 0, 1, 0, 0)
+    assert ((D - rounded).abs() > bound).any()
+
+
+def test_float_to_tf32_rounds_to_nearest_ties_away(lib, tmp_path):
+    """cvt.rna.tf32.f32 on random values, exact ties of both signs, values that round into the next binade, the
+    largest float (to inf), subnormals, zeros, inf and NaN."""
+    g = np.random.default_rng(5)
+    one = np.float32(1.0).view(np.uint32)
+    ties = np.array([one | 0x1000, one | 0x3000, (one | 0x1000) | 0x80000000, one | 0x0FFF, one | 0x1FFF,
+                     0x3FFFF000, 0x7F7FFFFF, 0x00001000, 0x00003000, 0x807FFFFF], dtype=np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -3e-39], dtype=np.float32)
+    v = np.concatenate([(g.standard_normal(4000) * 10.0 ** g.integers(-30, 30, 4000)).astype(np.float32), ties,
+                        special])
+    r = run(lib, tmp_path, "tf32", [v.copy()], [v.size])
+    got = r.bufs[0]
+    want = tf32_rna(v)
+    assert got[4000 + 6] == np.inf  # the largest float rounds up
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    nan = run(lib, tmp_path, "tf32", [np.array([np.nan], dtype=np.float32)], [1]).bufs[0]
+    assert np.isnan(nan).all()
 
 
 def test_wmma_refuses_a_misaligned_tile(lib, tmp_path):

@@ -127,3 +127,40 @@ def test_low_precision_computes_in_float32(dtype):
     # One rounding of the result: within half an ulp-ish of the dtype.
     eps = torch.finfo(dtype).eps
     assert (y.double() - y64).abs().max().item() <= 2 * eps * y64.abs().max().item() + 1e-6
+
+
+def test_round_tf32_matches_the_format():
+    """round_tf32 against tf32_oracle (from the exponent, not the bits): random values over the whole range, exact
+    ties of both signs, a round into the next binade and past the largest float, subnormals, zeros, inf, NaN."""
+    from rnnfast.testing import tf32_oracle
+
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(5000, generator=g) * torch.pow(10.0, torch.randint(-30, 30, (5000,), generator=g).float())
+    one = torch.tensor(1.0).view(torch.int32).item()
+    edges = torch.tensor([one | 0x1000, one | 0x3000, one | 0x0FFF, 0x3FFFF000, 0x7F7FFFFF, 0x1000, 0x3000],
+                         dtype=torch.int32).view(torch.float32)
+    v = torch.cat([v, edges, -edges, torch.tensor([0.0, -0.0, float("inf"), float("-inf")])])
+    got = reference.round_tf32(v)
+    assert torch.equal(got.view(torch.int32), tf32_oracle(v).view(torch.int32))
+    assert got[5000 + 4] == float("inf")
+    assert reference.round_tf32(torch.tensor([float("nan")])).isnan().all()
+    d = torch.randn(3, dtype=torch.float64)
+    assert reference.round_tf32(d) is d  # only float32 has a TF32
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tf32_rounds_only_the_recurrent_products(cell):
+    """tf32=True over one step equals the float32 reference run on W_hh and h0 rounded to TF32 (the input product
+    stays float32); GRU, whose update reads h0 again, gets an h0 that TF32 holds exactly. It differs from the
+    float32 reference."""
+    T, B, I, H = 1, 3, 4, 5
+    g = torch.Generator().manual_seed(2)
+    a = make_layer_inputs(cell, T, B, I, H, dtype=torch.float32, generator=g)
+    if cell == "gru":
+        a["h0"] = reference.round_tf32(a["h0"])
+    args = [a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh")]
+    y32 = reference.layer_forward(cell, *args, tf32=True)[0]
+    rounded = list(args)
+    rounded[1], rounded[4] = reference.round_tf32(args[1]), reference.round_tf32(args[4])
+    torch.testing.assert_close(y32, reference.layer_forward(cell, *rounded)[0], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(y32, reference.layer_forward(cell, *args)[0])

@@ -11,9 +11,11 @@ slice of ``W_hh`` in shared memory; :func:`plan` picks ``block_h`` so that every
 multiprocessor), or refuses the layer when the slice does not fit; the library checks co-residency again at launch
 and refuses with the reason. Allocation, the GEMMs, validation and dispatch stay here, in Python.
 
-float16/bfloat16 layers run the recurrent products of the forward (``h_{t-1} W_hh^T``) and of the backward
-(``d_hid W_hh``) on tensor cores (WMMA, K split over the warps) when the tiles fit shared memory
-(:data:`TENSOR_CORES`); everything else is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
+float16/bfloat16/float32 layers run the recurrent products of the forward (``h_{t-1} W_hh^T``) and of the backward
+(``d_hid W_hh``) on tensor cores (WMMA, K split over the warps, the batch in tiles of up to ``m_tile`` rows so that
+the operands fit shared memory; :data:`TENSOR_CORES`): float32 in TF32 under ``torch.backends.cudnn.allow_tf32``,
+the switch torch.nn's RNNs obey (on by default), else in 3xTF32, about float32's accuracy. float64, and whatever does
+not fit, is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
 
 ``RNNFAST_CUDA_EMULATE=1`` (read at import) runs the same kernel source on CPU tensors instead: the library built by
 the host compiler against ``csrc/emulate.h``, every CUDA thread a fiber, for an emulated H100/H200 (132
@@ -43,13 +45,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # (h_{t-1}, or the step's gate gradients) is then rounded to the layer's dtype for the product, as cuDNN does. Set to
 # False to use the FMA path, which keeps it in fp32 like the reference.
 TENSOR_CORES = True
-MMA_DTYPES = (torch.float16, torch.bfloat16)
+MMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# At most this many batch rows per tensor-core product (a multiple of 16), or None: as many as shared memory holds.
+# Tests lower it to exercise the batch tiling on small layers.
+M_TILE_LIMIT: int | None = None
+TF32, TF32X3 = 1, 3  # csrc/capi.h, tensor_cores: one TF32 pass, or three (3xTF32)
 MIN_CAPABILITY = (8, 0)
 ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
 # The GPU the emulation stands for (csrc/primitives.cuh: kEmulatedSMs, kEmulatedSmemOptin).
 EMULATED_DEVICE = (132, 232448, 9, 0, "CPU emulation of an sm_90 GPU")
-ABI_VERSION = 2  # csrc/capi.h, RNNFAST_ABI_VERSION
+ABI_VERSION = 3  # csrc/capi.h, RNNFAST_ABI_VERSION
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 _STATUS = {1: "invalid argument", 2: "refused", 3: "CUDA error", 4: "emulation error"}
 REFUSED = 2
@@ -60,7 +66,7 @@ class ForwardParams(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
                                                "c_n", "gates", "hs", "cs", "hc")] + \
-               [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h")] + \
+               [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
 
@@ -69,7 +75,7 @@ class BackwardParams(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
                                                "dh", "dc", "direct")] + \
-               [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h")] + \
+               [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
 
@@ -143,31 +149,59 @@ _WARPS = 8  # csrc/rnnfast.h: kThreads / 32
 
 
 def mma_smem_bytes(itemsize: int, M: int, N: int, K: int) -> int:
-    """csrc/layer.cuh, mma_smem_bytes: shared memory of a WMMA product M x K by K x N, its K split across the
-    warps (mma_splits). tests/test_cuda.py checks this against the library's own."""
+    """csrc/layer.cuh, mma_smem_bytes: shared memory of a WMMA product of an M-row batch tile by K x N, its K split
+    across the warps (mma_splits; TF32 tiles are 8 deep, 16-bit ones 16). tests/test_cuda.py checks this against the
+    library's own."""
     m, n, k = _pad16(M), _pad16(N), _pad16(K)
     tiles = (m // 16) * (n // 16)
-    splits = min(1 if tiles >= _WARPS else _WARPS // tiles, k // 16)
+    splits = min(1 if tiles >= _WARPS else _WARPS // tiles, k // (8 if itemsize == 4 else 16))
     return itemsize * (n + m) * (k + 8) + 4 * m * n * splits
 
 
-def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, itemsize: int = 2) -> int:
-    """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on the WMMA path: the product's operands and partial
-    sums, plus, forward, the two buffers of the prefetched input part, [2][B][G*block_h] fp32."""
+def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, itemsize: int = 2,
+                           m_tile: int | None = None) -> int:
+    """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on the WMMA path, for batch tiles of ``m_tile`` rows
+    (default: the whole batch): the product's operands and partial sums, plus, forward, the two buffers of the
+    prefetched input part, [2][B][G*block_h] fp32."""
     G = GATES[cell]
+    m_tile = min(m_tile or _pad16(B), _pad16(B))
     if kind == "forward":
-        return mma_smem_bytes(itemsize, B, G * block_h, H) + 8 * B * G * block_h
-    return mma_smem_bytes(itemsize, B, block_h, G * H)
+        return mma_smem_bytes(itemsize, m_tile, G * block_h, H) + 8 * B * G * block_h
+    return mma_smem_bytes(itemsize, m_tile, block_h, G * H)
+
+
+def tensor_core_mode(dtype: torch.dtype) -> int:
+    """csrc/capi.h's ``tensor_cores`` for a layer dtype: 1 for the 16-bit types; float32 TF32 (1) under
+    ``torch.backends.cudnn.allow_tf32``, the switch torch.nn's RNNs obey, else 3xTF32 (3); 0 (FMA) otherwise."""
+    if not TENSOR_CORES or dtype not in MMA_DTYPES:
+        return 0
+    if dtype == torch.float32:
+        return TF32 if torch.backends.cudnn.allow_tf32 else TF32X3
+    return 1
+
+
+def _tensor_core_rows(kind: str, cell: str, B: int, H: int, itemsize: int, block_h: int, limit: int) -> int:
+    top = _pad16(B) if M_TILE_LIMIT is None else min(_pad16(B), max(16, M_TILE_LIMIT // 16 * 16))
+    for m_tile in range(top, 0, -16):
+        if tensor_core_smem_bytes(kind, cell, B, H, block_h, itemsize, m_tile) <= limit:
+            return m_tile
+    return 0
+
+
+def tensor_core_rows(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, block_h: int,
+                     kind: str = "forward") -> int:
+    """Batch rows per tensor-core product of the ``kind`` kernel ("forward": h_{t-1} W_hh^T; "backward": d_hid W_hh):
+    the largest multiple of 16 (up to the padded batch and :data:`M_TILE_LIMIT`) whose tiles fit shared memory, or 0
+    when the product stays on FMA (float64, :data:`TENSOR_CORES` off, or not even 16 rows fit)."""
+    if tensor_core_mode(dtype) == 0:
+        return 0
+    return _tensor_core_rows(kind, cell, B, H, _ITEMSIZE[dtype], block_h, _device_facts(device.index)[1])
 
 
 def use_tensor_cores(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, block_h: int,
                      kind: str = "forward") -> bool:
-    """Whether the recurrent product of the ``kind`` kernel ("forward": h_{t-1} W_hh^T; "backward": d_hid W_hh)
-    goes to tensor cores: a half dtype, :data:`TENSOR_CORES`, and the padded operands and fp32 partial products
-    fitting shared memory."""
-    if not TENSOR_CORES or dtype not in MMA_DTYPES:
-        return False
-    return tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype]) <= _device_facts(device.index)[1]
+    """Whether the recurrent product of the ``kind`` kernel goes to tensor cores (:func:`tensor_core_rows`)."""
+    return tensor_core_rows(cell, B, H, dtype, device, block_h, kind) > 0
 
 
 # The issue's anchors (cell, dtype, B, H): (a) LSTM bf16 B=16 H=768, (b) LSTM fp32 B=64 H=512, (c) GRU bf16 B=256
@@ -189,12 +223,19 @@ def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> t
     if reason is not None:
         return f"refused: {reason}", {}
     line, predicted = [f"{-(-H // block_h)} blocks x {block_h} units"], {}
+    # As a layer under torch's defaults runs: float32 in TF32 (cudnn.allow_tf32 is on by default).
+    passes = 0 if dtype not in MMA_DTYPES else 1
+    name = "TF32 WMMA" if dtype == torch.float32 else "WMMA"
     for kind in ("forward", "backward"):
-        need = tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype])
-        mma = dtype in MMA_DTYPES and need <= limit
-        line.append(f"{kind} {'WMMA' if mma else 'FMA'}" + (f" ({need} B of shared memory)" if dtype in MMA_DTYPES
-                                                            else ""))
-        predicted[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, mma, sms)
+        m_tile = _tensor_core_rows(kind, cell, B, H, _ITEMSIZE[dtype], block_h, limit) if passes else 0
+        if m_tile:
+            need = tensor_core_smem_bytes(kind, cell, B, H, block_h, _ITEMSIZE[dtype], m_tile)
+            tiles = -(-_pad16(B) // m_tile)
+            line.append(f"{kind} {name} ({need} B of shared memory"
+                        + (f", {tiles} batch tiles of {m_tile} rows)" if tiles > 1 else ")"))
+        else:
+            line.append(f"{kind} FMA")
+        predicted[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, bool(m_tile), sms, m_tile=m_tile)
     return ", ".join(line), predicted
 
 
@@ -204,8 +245,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rnnfast_last_error.restype = ctypes.c_char_p
     lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.rnnfast_grid_barrier.restype = ctypes.c_int
-    lib.rnnfast_forward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.rnnfast_backward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rnnfast_forward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
+    lib.rnnfast_backward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
     lib.rnnfast_forward_smem_bytes.restype = lib.rnnfast_backward_smem_bytes.restype = ctypes.c_size_t
     for cell in GATES:
         for suffix in _DTYPE_SUFFIX.values():
@@ -277,6 +318,11 @@ def _block_h(cell: str, H: int, x: torch.Tensor) -> int:
     if reason is not None:
         raise BackendUnavailableError(f"rnnfast backend 'cuda' cannot run this {cell} layer: {reason}")
     return block_h
+
+
+def _tensor_core_fields(kind: str, cell: str, B: int, H: int, x: torch.Tensor, block_h: int) -> dict:
+    m_tile = tensor_core_rows(cell, B, H, x.dtype, x.device, block_h, kind)
+    return {"tensor_cores": tensor_core_mode(x.dtype) if m_tile else 0, "m_tile": m_tile}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -374,8 +420,8 @@ class CudaBackend(KernelBackend):
         lengths = _lengths(a.lengths, x)
         p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
                           lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
-                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
-                          tensor_cores=int(use_tensor_cores(cell, B, H, dt, x.device, block_h)))
+                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), T=T, B=B, I=I, H=H, block_h=block_h,
+                          reverse=int(bool(a.reverse)), **_tensor_core_fields("forward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
             _check(fn(ctypes.byref(p), _stream(x.device)), f"{cell} forward")
@@ -403,7 +449,7 @@ class CudaBackend(KernelBackend):
         p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
                            hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
                            direct=_ptr(direct), T=T, B=B, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
-                           tensor_cores=int(use_tensor_cores(cell, B, H, dt, dev, block_h, "backward")))
+                           **_tensor_core_fields("backward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():
             _check(fn(ctypes.byref(p), _stream(dev)), f"{cell} backward")

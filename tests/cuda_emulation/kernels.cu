@@ -128,35 +128,46 @@ struct WmmaArgs {
   int m, n, k, lda, ldb, ldc, ldd;
   bool c_col, d_col;
   int a_offset;  // elements added to A's base pointer: 8 breaks the 32-byte alignment
-  int mode;      // 0: plain; 1: lane 5 passes another B pointer; 2: lanes 16-31 skip mma_sync (exit)
+  int mode;      // 0: plain; 1: lane 5 passes another B pointer; 2: lanes 16-31 skip mma_sync (exit); 3: TF32
+                 // operands not converted
 };
 
+// T: half_t, bf16_t (16-deep tiles) or precision::tf32 (8-deep, float in memory, each fragment rounded to TF32).
 template <typename T, typename La, typename Lb>
 __global__ void wmma_kernel(WmmaArgs p) {
   namespace wmma = rf::wmma;
+  constexpr bool tf32 = std::is_same_v<T, wmma::precision::tf32>;
+  constexpr int KD = tf32 ? 8 : 16;
+  using S = std::conditional_t<tf32, float, T>;
   constexpr bool a_col = std::is_same_v<La, wmma::col_major>, b_col = std::is_same_v<Lb, wmma::col_major>;
-  const T* A = static_cast<const T*>(p.a) + p.a_offset;
-  const T* B = static_cast<const T*>(p.b);
+  const S* A = static_cast<const S*>(p.a) + p.a_offset;
+  const S* B = static_cast<const S*>(p.b);
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int n_tiles = p.n / 16, tiles = (p.m / 16) * n_tiles;
   for (int tile = static_cast<int>(warp); tile < tiles; tile += static_cast<int>(warps)) {
     const int mt = tile / n_tiles, nt = tile % n_tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fragment<wmma::accumulator, 16, 16, KD, float> acc;
     const size_t c_at = p.c_col ? static_cast<size_t>(nt) * 16 * p.ldc + mt * 16
                                 : static_cast<size_t>(mt) * 16 * p.ldc + nt * 16;
     wmma::load_matrix_sync(acc, p.c + c_at, p.ldc, p.c_col ? wmma::mem_col_major : wmma::mem_row_major);
-    for (int kc = 0; kc < p.k; kc += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, La> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Lb> fb;
+    for (int kc = 0; kc < p.k; kc += KD) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KD, T, La> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, KD, T, Lb> fb;
       // A is M x K: row-major (m, k) at m*lda + k, column-major at k*lda + m; B is K x N likewise.
-      const T* pa = a_col ? A + static_cast<size_t>(kc) * p.lda + mt * 16
+      const S* pa = a_col ? A + static_cast<size_t>(kc) * p.lda + mt * 16
                           : A + static_cast<size_t>(mt) * 16 * p.lda + kc;
-      const T* pb = b_col ? B + static_cast<size_t>(nt) * 16 * p.ldb + kc
+      const S* pb = b_col ? B + static_cast<size_t>(nt) * 16 * p.ldb + kc
                           : B + static_cast<size_t>(kc) * p.ldb + nt * 16;
       if (p.mode == 1 && lane == 5) pb += 16;
       wmma::load_matrix_sync(fa, pa, p.lda);
       wmma::load_matrix_sync(fb, pb, p.ldb);
       if (p.mode == 2 && lane >= 16) return;
+      if constexpr (tf32) {
+        if (p.mode != 3) {  // mode 3 leaves the operands unconverted: the tensor core truncates them
+          for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+        }
+      }
       wmma::mma_sync(acc, fa, fb, acc);
     }
     const size_t d_at = p.d_col ? static_cast<size_t>(nt) * 16 * p.ldd + mt * 16
@@ -401,10 +412,12 @@ EMU_EXPORT int emu_convert(void* const* bufs, const long long* ints, char*, int)
   return forms ? 0 : 2;
 }
 
-// bufs: a, b (16-bit, laid out by the test), c, d (float32); ints: dtype (0 half, 1 bf16), m, n, k, lda, ldb, ldc,
-// ldd, a_col, b_col, c_col, d_col, a_elems, b_elems, c_elems, d_elems, a_offset, threads, mode.
+// bufs: a, b (16-bit, or float32 for TF32, laid out by the test), c, d (float32); ints: dtype (0 half, 1 bf16,
+// 2 tf32), m, n, k, lda, ldb, ldc, ldd, a_col, b_col, c_col, d_col, a_elems, b_elems, c_elems, d_elems, a_offset,
+// threads, mode.
 EMU_EXPORT int emu_wmma(void* const* bufs, const long long* ints, char* err, int err_len) {
-  const size_t a_bytes = static_cast<size_t>(ints[12]) * 2, b_bytes = static_cast<size_t>(ints[13]) * 2;
+  const size_t elem = ints[0] == 2 ? 4 : 2;
+  const size_t a_bytes = static_cast<size_t>(ints[12]) * elem, b_bytes = static_cast<size_t>(ints[13]) * elem;
   const size_t c_bytes = static_cast<size_t>(ints[14]) * 4, d_bytes = static_cast<size_t>(ints[15]) * 4;
   // 64-byte aligned copies: the test's arrays promise only 16.
   void* a = aligned_copy(bufs[0], a_bytes);
@@ -419,11 +432,19 @@ EMU_EXPORT int emu_wmma(void* const* bufs, const long long* ints, char* err, int
   const bool a_col = ints[8] != 0, b_col = ints[9] != 0;
   const unsigned threads = static_cast<unsigned>(ints[17]);
   std::string e;
-  const bool ok = ints[0] == 0 ? wmma_launch<rf::half_t>(a_col, b_col, threads, p, &e)
-                               : wmma_launch<rf::bf16_t>(a_col, b_col, threads, p, &e);
+  const bool ok = ints[0] == 0   ? wmma_launch<rf::half_t>(a_col, b_col, threads, p, &e)
+                  : ints[0] == 1 ? wmma_launch<rf::bf16_t>(a_col, b_col, threads, p, &e)
+                                 : wmma_launch<rf::wmma::precision::tf32>(a_col, b_col, threads, p, &e);
   std::memcpy(bufs[3], d, d_bytes);
   for (void* q : {a, b, c, d}) std::free(q);
   return report(ok, e, err, err_len);
+}
+
+// bufs: values (float32), rounded in place by rf::wmma::__float_to_tf32; ints: count.
+EMU_EXPORT int emu_tf32(void* const* bufs, const long long* ints, char*, int) {
+  float* v = static_cast<float*>(bufs[0]);
+  for (long long i = 0; i < ints[0]; ++i) v[i] = rf::wmma::__float_to_tf32(v[i]);
+  return 0;
 }
 
 // bufs: out (uint8, 2 launches x blocks x bytes), misaligned (int32, blocks); ints: blocks, threads, bytes, mode,
