@@ -53,6 +53,7 @@ typedef struct {
   void* hs;             /* (T, B, H) dtype: state entering each step; the first step's slot holds h0 on entry */
   void* cs;             /* (T, B, H) acc, LSTM only; likewise c0 */
   void* hc;             /* (B, H) acc: h0 on entry, the last state on exit (each unit's own state, unrounded) */
+  void* sync;           /* uint32, zero on entry: the counter of the split-phase step barrier; null: grid.sync */
   int64_t T, B, I, H;
   int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
   int64_t m_tile;       /* batch rows per tensor-core product, a multiple of 16; 0: the whole batch */
@@ -73,6 +74,7 @@ typedef struct {
   void* dh;             /* (B, H) acc, in: grad_h_n, out: dh0 */
   void* dc;             /* (B, H) acc, LSTM only, in: grad_c_n, out: dc0 */
   void* direct;         /* (B, H) acc scratch */
+  void* sync;           /* as the forward's */
   int64_t T, B, H;
   int64_t block_h;
   int64_t m_tile;       /* as the forward's */
@@ -91,8 +93,9 @@ RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, in
                                               int64_t m_tile);
 RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
                                                int64_t m_tile);
-/* Waits on the grid barrier `iters` times with `blocks` blocks; writes iters to *passed (device memory). */
-RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, void* stream);
+/* Waits on the step barrier `iters` times with `blocks` blocks: the split-phase one on *counter (uint32, zero on
+ * entry), or the cooperative grid barrier when counter is null; writes iters to *passed (device memory). */
+RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, uint32_t* counter, void* stream);
 
 /* cell ids and dtype ids of the two size queries */
 #define RNNFAST_CELL_RNN_TANH 0

@@ -104,7 +104,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxFibers = size_t{1} << 18;
 constexpr size_t kMaxSmemTotal = size_t{1} << 30;
 
-enum class State : uint8_t { ready, running, wait_block, wait_grid, wait_warp, done };
+enum class State : uint8_t { ready, running, wait_block, wait_grid, wait_warp, spin, done };
 
 struct Context {
 #ifdef RF_EMU_ASM
@@ -156,6 +156,7 @@ struct Launch {
   size_t q_head = 0, q_size = 0;
   unsigned front_budget = 0;  // releases that may still jump the queue before one goes to its back
   size_t done = 0;
+  size_t spins = 0;  // spin() calls since a thread last did anything else (arrived, exited, saw its flag)
   bool failed = false;
   std::string error;
   void (*body)(void*) = nullptr;
@@ -369,6 +370,7 @@ std::string state_text(const Fiber& f) {
     case State::wait_block: return "wait at sync_block";
     case State::wait_grid: return "wait at sync_grid";
     case State::wait_warp: return std::string("wait at ") + name_of(f.waits_in);
+    case State::spin: return "spin on a flag (grid_wait)";
     case State::done: return "have exited";
     default: return "are ready";
   }
@@ -608,6 +610,7 @@ extern "C" void rf_emu_fiber_entry() {
   on_exit(self);
   self->state = State::done;
   ++g->done;
+  g->spins = 0;
   yield(self);
   std::abort();  // a finished fiber is never resumed
 }
@@ -622,6 +625,7 @@ void arrive_block() {
     fail_now(where(self) + ": waits at sync_block, but " + exited_thread(b) +
              " has exited: the barrier needs every thread of the block and can never complete");
   check_warp_at_barrier(self, "sync_block");
+  g->spins = 0;
   if (++b.arrived == g->threads) {
     b.arrived = 0;
     release(self, &g->fibers[static_cast<size_t>(self->block) * g->threads], g->threads, true);
@@ -639,6 +643,7 @@ void arrive_grid() {
     fail_now(where(self) + ": waits at sync_grid, but " + exited_thread(g->grid) +
              " has exited: the barrier needs every thread of the grid and can never complete");
   check_warp_at_barrier(self, "sync_grid");
+  g->spins = 0;
   if (++g->grid.arrived == g->n) {
     g->grid.arrived = 0;
     release(self, g->fibers.data(), g->n, false);
@@ -665,6 +670,7 @@ uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lan
              " lanes of its warp wait at a block or grid barrier: the warp diverged, and the collective needs all "
              "32 lanes");
   const unsigned gen = w.gen & 1;
+  g->spins = 0;
   w.slot[gen][lane] = {value, args, what};
   if (++w.arrived == 32) {
     w.arrived = 0;
@@ -696,6 +702,21 @@ uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lan
   if (src >= 32) src = lane;
   return w.slot[gen][src].value;
 }
+
+// A thread that waits for a flag another thread sets: to the back of the queue, so that every other ready thread
+// runs first. When every ready thread has spun once since anyone last did anything else, none of them can set what
+// the others wait for (the threads not in the queue wait at barriers that need the spinners): a deadlock.
+void spin() {
+  Fiber* self = require_fiber("spin");
+  if (++g->spins > g->q_size + 1)
+    fail_now(deadlock_message() + " (the spinning threads wait for a flag that no thread that can run will set: a "
+                                  "block that never reaches the grid_arrive the wait counts on?)");
+  self->state = State::spin;
+  g->push(self);
+  yield(self);
+}
+
+void progressed() { g->spins = 0; }
 
 void fail(const std::string& message) {
   Fiber* self = require_fiber("a check");

@@ -17,7 +17,7 @@
 //
 // What it does not model: memory races and the memory model (a fiber runs alone until it blocks, so a missing
 // barrier shows only where the schedule exposes it), preemption (a loop that waits for another thread without a
-// barrier or collective inside never ends), reads outside shared memory, __shared__ variables (use
+// barrier, collective or rf::grid_wait inside never ends), reads outside shared memory, __shared__ variables (use
 // rf::dynamic_smem), 2-D and 3-D grids, and tensor-core rounding (mma_sync sums in fp32, k in order).
 #pragma once
 
@@ -176,6 +176,10 @@ RF_EMU_API void arrive_grid();
 // which must agree across the warp), waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
 // where that lane is out of range, as PTX shfl.bfly does).
 RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask);
+// The calling thread waits for a flag (grid_wait): every other ready thread runs before it checks again. A launch in
+// which only spinning threads are left to run fails as a deadlock. progressed(): its flag was set.
+RF_EMU_API void spin();
+RF_EMU_API void progressed();
 // Fails the launch with `message`, naming the current block and thread; never returns to the kernel.
 [[noreturn]] RF_EMU_API void fail(const std::string& message);
 // The current block's dynamic shared memory; null outside a launch.
@@ -188,6 +192,20 @@ RF_EMU_API bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, voi
 
 inline void sync_block() { detail::arrive_block(); }
 inline void sync_grid() { detail::arrive_grid(); }
+
+// The split-phase grid barrier (primitives.cuh): stores are visible at once here, so the release and acquire are
+// plain; thread 0 of each block spins, yielding, until the counter reaches the target.
+inline void grid_arrive(unsigned* counter) {
+  sync_block();
+  if (threadIdx.x == 0) ++*counter;
+}
+inline void grid_wait(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    while (*counter < target) detail::spin();
+    detail::progressed();
+  }
+  sync_block();
+}
 
 // __shfl_xor_sync(0xffffffff, v, lane_mask) for any trivially copyable type of up to 8 bytes.
 template <typename T>
@@ -209,6 +227,14 @@ inline unsigned char* dynamic_smem() { return detail::current_smem; }
 // cp.async completes at once here: the copy is made when issued, so waiting has nothing left to do. (Only a block
 // barrier makes it visible to other threads on the GPU; the kernels put one there, which the tests exercise.)
 inline void cp_async4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
+// Both addresses must be 16-byte aligned, as the GPU requires (a misaligned one faults there).
+inline void cp_async16(void* smem, const void* gmem) {
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
+    detail::fail("cp_async16 needs 16-byte aligned addresses, got shared " +
+                 std::to_string(reinterpret_cast<uintptr_t>(smem) % 16) + " and global " +
+                 std::to_string(reinterpret_cast<uintptr_t>(gmem) % 16) + " bytes past a boundary");
+  std::memcpy(smem, gmem, 16);
+}
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
 

@@ -58,6 +58,7 @@ struct ForwardArgs {
   scalar_t* hs;  // the exchange between blocks, in the layer dtype
   acc_t* cs;
   acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
+  unsigned* sync;  // the step barrier's counter, zero at launch (step_arrive, step_wait); null: grid.sync
   int T, B, I, H, HB;
   bool reverse;
   int passes;  // 0: FMA; 1: tensor cores (WMMA in the layer dtype, TF32 for float32); 3: 3xTF32 (float32 only)
@@ -80,6 +81,7 @@ struct BackwardArgs {
   acc_t* dh;
   acc_t* dc;
   acc_t* direct;
+  unsigned* sync;  // as ForwardArgs
   int T, B, H, HB;
   bool reverse;
   int passes, m_tile, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
@@ -151,6 +153,18 @@ inline size_t backward_smem_bytes(size_t elem, int G, int H, int HB, int m_tile)
   return mma_smem_bytes(elem, m_tile, HB, G * H);
 }
 
+// The barrier between steps, in two halves: a block arrives once its stores that the other blocks read are done,
+// and waits before it reads theirs; between the two it may do work of its own. With a counter (sync), every block
+// adds one per step (rf::grid_arrive) and the wait of the n-th barrier is for n * gridDim.x; without one, the
+// cooperative grid barrier, all of it in the wait.
+__device__ __forceinline__ void step_arrive(unsigned* sync) {
+  if (sync != nullptr) rf::grid_arrive(sync);
+}
+__device__ __forceinline__ void step_wait(const unsigned* sync, int n) {
+  if (sync != nullptr) rf::grid_wait(sync, static_cast<unsigned>(n) * gridDim.x);
+  else rf::sync_grid();
+}
+
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int t, int b) {
   return lengths == nullptr || static_cast<int64_t>(t) < lengths[b];
 }
@@ -216,12 +230,30 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
   const st_t* wt = reinterpret_cast<const st_t*>(smem);
   st_t* at = reinterpret_cast<st_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
   float* prod = reinterpret_cast<float*>(smem + mma_product_offset(sizeof(st_t), m_tile, n_pad, k_ld));
-  // One warp per row, coalesced; through L2 (ld.cg), never a stale L1 line.
-  for (int m = threadIdx.x / 32; m < m_tile; m += blockDim.x / 32) {
-    const int row = m0 + m;
-    for (int k = threadIdx.x % 32; k < k_pad; k += 32)
-      from_float(row < M && k < K ? static_cast<float>(rf::ldcg(a + static_cast<int64_t>(row) * K + k)) : 0.f,
-                 &at[m * k_ld + k]);
+  // Through L2 only (cp.async.cg, ld.cg), never a stale L1 line. Rows of 16-byte multiples, 16-byte aligned: 16-byte
+  // asynchronous copies, consecutive threads on consecutive chunks of a row; else one warp per row, an element a lane.
+  constexpr int kVec = 16 / sizeof(st_t);
+  if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0) {
+    const int row_vecs = k_pad / kVec;
+    for (int idx = threadIdx.x; idx < m_tile * row_vecs; idx += blockDim.x) {
+      const int m = idx / row_vecs, v = idx % row_vecs, row = m0 + m;
+      st_t* dst = at + static_cast<size_t>(m) * k_ld + v * kVec;
+      if (row < M && v * kVec < K) {
+        rf::cp_async16(dst, a + static_cast<int64_t>(row) * K + v * kVec);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) from_float(0.f, dst + i);
+      }
+    }
+    rf::cp_async_commit();
+    rf::cp_async_wait_all();
+  } else {
+    for (int m = threadIdx.x / 32; m < m_tile; m += blockDim.x / 32) {
+      const int row = m0 + m;
+      for (int k = threadIdx.x % 32; k < k_pad; k += 32)
+        from_float(row < M && k < K ? static_cast<float>(rf::ldcg(a + static_cast<int64_t>(row) * K + k)) : 0.f,
+                   &at[m * k_ld + k]);
+    }
   }
   rf::sync_block();
   const int n_tiles = n_pad / 16, tiles = (m_tile / 16) * n_tiles, chunks = k_pad / kK;
@@ -425,9 +457,11 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     const int t = p.reverse ? T - 1 - s : s;
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
     const bool last = s == T - 1;
+    // Every unit of h_{t-1} is written (the barrier's first half ended the step before).
+    if (s > 0) step_wait(p.sync, s);
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
     const scalar_t* h_in = p.hs + t * BH;
-    // This step's input part landed (this thread's copies; everyone's after the first product's block barrier).
+    // This step's input part landed (this thread's copies; everyone's after the first product's block barriers).
     if (tc && hoisted) rf::cp_async_wait_all();
     for (int b0 = 0; b0 < B; b0 += rows) {
       const int b1 = rf::imin(B, b0 + rows);
@@ -436,9 +470,10 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
           mma_recurrent_product<scalar_t>(h_in, smem_raw, B, H, b0, p.m_tile, p.n_pad, p.k_pad, p.k_ld, p.splits,
                                           p.passes);
           if (hoisted) {
-            // The next step's input part, into the other buffer (last read two steps ago), while this one ends.
+            // The next step's input part, into the other buffer (last read two steps ago), while this one ends;
+            // after the last tile's staging, whose wait for its own copies would otherwise wait for these too.
             const float* gx_now = prefetched + (s % 2) * B * G * nj;
-            if (b0 == 0 && !last)
+            if (b1 == B && !last)
               prefetch_input<CELL>(p.gx, prefetched + ((s + 1) % 2) * B * G * nj, t_next, B, H, j0, nj);
             // The pointwise part, one thread per (sequence, own unit): nothing is left to reduce.
             for (int item = threadIdx.x; item < (b1 - b0) * nj; item += blockDim.x) {
@@ -519,8 +554,8 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
         }
       }
     }
-    // Every unit of h_t must be written before any block reads it in the next step.
-    if (!last) rf::sync_grid();
+    // This block's units of h_t are written; the next step waits for every block's.
+    if (!last) step_arrive(p.sync);
   }
 }
 
@@ -611,7 +646,8 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
       p.direct[bj] = active ? direct : dh_cur;
     }
     // Phase B reads every unit's gate gradients of this step.
-    rf::sync_grid();
+    step_arrive(p.sync);
+    step_wait(p.sync, s + 1);
 
     // Phase B: dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
     if constexpr (kHasMma) {
@@ -728,6 +764,7 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.hs = static_cast<scalar_t*>(a->hs);
   p.cs = static_cast<acc_t*>(a->cs);
   p.hc = static_cast<acc_t*>(a->hc);
+  p.sync = static_cast<unsigned*>(a->sync);
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.I = static_cast<int>(a->I);
@@ -769,6 +806,7 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.dh = static_cast<acc_t*>(a->dh);
   p.dc = static_cast<acc_t*>(a->dc);
   p.direct = static_cast<acc_t*>(a->direct);
+  p.sync = static_cast<unsigned*>(a->sync);
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.H = static_cast<int>(a->H);

@@ -7,10 +7,15 @@
 //   rf::exp_, rf::tanh_           float and double
 //   rf::sync_block()              __syncthreads()
 //   rf::sync_grid()               the cooperative grid barrier (every thread of every block)
+//   rf::grid_arrive(counter),     a split-phase grid barrier on a counter in global memory, zero at launch: a block
+//   rf::grid_wait(counter, n)     arrives (block barrier, then thread 0's release add) once its stores are done and
+//                                 may work on before it waits (thread 0 polls with acquire loads until the counter
+//                                 reaches n, then a block barrier); every block of the cooperative grid must arrive
 //   rf::shfl_xor(v, mask)         __shfl_xor_sync(0xffffffff, v, mask): all 32 lanes of the warp take part
 //   rf::ldcg(p)                   __ldcg(p): a load through L2, never a stale L1 line
 //   rf::dynamic_smem()            the block's dynamic shared memory (extern __shared__), 128-byte aligned
-//   rf::cp_async4(smem, gmem)     cp.async of 4 bytes from global to shared memory (sm_80+); cp_async_commit()
+//   rf::cp_async4(smem, gmem)     cp.async of 4 bytes from global to shared memory (sm_80+); cp_async16 of 16
+//                                 bytes through L2 only (both addresses 16-byte aligned); cp_async_commit()
 //                                 closes a group, cp_async_wait_all() waits for every copy this thread issued (the
 //                                 other threads see them after a block barrier)
 //   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
@@ -53,6 +58,21 @@ RF_DEVICE double tanh_(double v) { return tanh(v); }
 
 RF_DEVICE void sync_block() { __syncthreads(); }
 RF_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
+// The block barrier orders every thread's stores before thread 0's release (release is cumulative), so a block that
+// sees the count with an acquire load and then passes its own block barrier sees them all.
+RF_DEVICE void grid_arrive(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+RF_DEVICE void grid_wait(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
+  }
+  __syncthreads();
+}
 template <typename T>
 RF_DEVICE T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
 template <typename T>
@@ -65,6 +85,11 @@ RF_DEVICE unsigned char* dynamic_smem() {
 RF_DEVICE void cp_async4(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+// 16 bytes through L2 only (.cg: never a stale L1 line), for data other blocks wrote before a grid barrier.
+RF_DEVICE void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 }
 RF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }

@@ -304,6 +304,38 @@ def test_no_bias_and_many_blocks(library, cell):
         assert_layer_matches(cell, torch.float32, outs, grads, ref_outs, ref_grads)
 
 
+@pytest.mark.parametrize("flag", [True, False], ids=["split-phase", "grid-sync"])
+@pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("gru", torch.float32), ("rnn_relu", torch.float64)],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_both_step_barriers(library, cell, dtype, flag, monkeypatch, poisoned_cuda):
+    """The split-phase barrier (every block arrives once a step: the counter ends at blocks x steps) and the
+    cooperative grid barrier, forward and backward, against the float64 reference (half types: the cuDNN
+    baseline)."""
+    T, B, I, H = 5, 4, 6, 150
+    monkeypatch.setattr(rc, "FLAG_BARRIER", flag)
+    counters = []
+    real = rc._barrier_counter
+    monkeypatch.setattr(rc, "_barrier_counter", lambda device: counters.append(real(device)) or counters[-1])
+    a = _inputs(cell, T, B, I, H, dtype, seed=H + flag, scale=0.5 / math.sqrt(H))
+    up = _upstream(cell, T, B, H, dtype)
+    outs, grads = _run_backend(cell, a, False, "hoisted", up)
+    ref_outs, ref_grads = reference_layer(cell, a, False, up)
+    blocks = -(-H // rc.plan(cell, H, dtype, DEVICE)[0])
+    assert blocks > 1
+    if flag:  # the forward waits between steps (T - 1 barriers), the backward within each (T)
+        assert [int(c) for c in counters] == [blocks * (T - 1), blocks * T]
+    else:
+        assert counters == [None, None]
+    if dtype != torch.bfloat16:
+        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
+        return
+    base_outs, base_grads = _cudnn(cell, a, False, up)
+    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
+                             base_outs + base_grads):
+        if r is not None:
+            assert_within_baseline(o, r, b, msg=f"{cell} {name}")
+
+
 @pytest.mark.parametrize("cell,dtype,H", [("gru", torch.float32, 1100), ("lstm", torch.float64, 600),
                                           ("rnn_tanh", torch.float32, 2000)], ids=lambda v: str(v))
 def test_blocks_with_several_unit_chunks(library, cell, dtype, H, monkeypatch, poisoned_cuda):
@@ -621,8 +653,9 @@ def test_half_kernels_use_tensor_cores_forward_and_backward_and_nothing_spills(g
         if r["dtype"] in ("f16", "bf16", "f32"):
             # float32's are TF32 (one pass under cudnn.allow_tf32, three without).
             assert r["hmma"] > 0, f"{name}: no tensor-core instruction"
-            # The forward prefetches the next step's input part with cp.async (LDGSTS); the backward has none.
-            assert (r["ldgsts"] > 0) == (r["kind"] == "forward"), f"{name}: {r['ldgsts']} cp.async"
+            # Both stage the product's A operand with cp.async (LDGSTS); the forward also prefetches the next
+            # step's input part.
+            assert r["ldgsts"] >= (3 if r["kind"] == "forward" else 1), f"{name}: {r['ldgsts']} cp.async"
         else:
             assert r["hmma"] == 0, f"{name}: float64 must not round its operands on tensor cores"
 

@@ -176,9 +176,19 @@ def test_sync_block_orders_writes_and_reads(lib, tmp_path):
 def test_cp_async_lands_in_shared_memory_for_the_block(lib, tmp_path):
     blocks, threads = 2, 96
     src = np.arange(blocks * threads, dtype=np.int32) * 7 + 1
-    r = run(lib, tmp_path, "cp_async", [src, np.zeros(blocks * threads, np.int32)], [blocks, threads])
+    r = run(lib, tmp_path, "cp_async", [src, np.zeros(blocks * threads, np.int32)], [blocks, threads, 0, 0])
     assert r.rc == 0, r.error
     np.testing.assert_array_equal(r.bufs[1], np.roll(src.reshape(blocks, threads), 1, axis=1).ravel())
+
+
+def test_cp_async16_copies_aligned_16_byte_chunks(lib, tmp_path):
+    blocks, threads = 2, 64
+    src = np.arange(blocks * threads * 4, dtype=np.int32) * 5 - 3
+    r = run(lib, tmp_path, "cp_async", [src, np.zeros(src.size, np.int32)], [blocks, threads, 1, 0])
+    assert r.rc == 0, r.error
+    np.testing.assert_array_equal(r.bufs[1], np.roll(src.reshape(blocks, threads, 4), 1, axis=1).ravel())
+    r = run(lib, tmp_path, "cp_async", [src, np.zeros(src.size, np.int32)], [blocks, threads, 1, 1])
+    assert_fails(r, "cp_async16 needs 16-byte aligned addresses", "global 4 bytes", "block 0 thread 0")
 
 
 def test_sync_block_separates_the_levels_of_a_tree_sum(lib, tmp_path):
@@ -202,12 +212,14 @@ def grid_exchange_reference(n: int, rounds: int) -> np.ndarray:
     return v.astype(np.uint32)
 
 
-def grid_exchange(lib, tmp_path, blocks, threads, rounds):
+def grid_exchange(lib, tmp_path, blocks, threads, rounds, flag=False):
     n = blocks * threads
-    r = run(lib, tmp_path, "sync_grid", [np.zeros(2 * n, np.uint32), np.zeros(n, np.uint32), np.zeros(1)],
-            [blocks, threads, rounds])
+    r = run(lib, tmp_path, "sync_grid", [np.zeros(2 * n, np.uint32), np.zeros(n, np.uint32), np.zeros(1),
+                                         np.zeros(1, np.uint32)], [blocks, threads, rounds, int(flag)])
     assert r.rc == 0, r.error
     np.testing.assert_array_equal(r.bufs[1], grid_exchange_reference(n, rounds))
+    if flag:
+        assert r.bufs[3][0] == blocks * rounds, "every block arrives once a round"
     return float(r.bufs[2][0])
 
 
@@ -215,6 +227,12 @@ def test_sync_grid_over_the_full_grid(lib, tmp_path):
     # 132 blocks x 256 threads, the layer kernels' grid on an H100/H200: blocks trade values every round.
     seconds = grid_exchange(lib, tmp_path, 132, 256, 8)
     print(f"\n132 x 256 fibers, 8 grid barriers: {seconds:.2f} s")
+
+
+def test_split_phase_barrier_over_the_full_grid(lib, tmp_path):
+    # The same exchange through rf::grid_arrive / rf::grid_wait on a counter: thread 0 of each block spins.
+    seconds = grid_exchange(lib, tmp_path, 132, 256, 8, flag=True)
+    print(f"\n132 x 256 fibers, 8 split-phase barriers: {seconds:.2f} s")
 
 
 def test_a_grid_of_more_than_32k_threads_runs(lib, tmp_path):
@@ -541,6 +559,7 @@ FAILURES = {
                                                                                      "shfl_xor"]),
     "shuffles in a block of 48 threads": (7, 1, 48, ["whole warps", "48"]),
     "a stack overflow": (8, 1, 32, ["stack overflow"]),
+    "block 1 never arrives at the split-phase barrier": (11, 3, 64, ["deadlock", "spin on a flag", "grid_arrive"]),
 }
 
 

@@ -50,6 +50,10 @@ MMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tests lower it to exercise the batch tiling on small layers.
 M_TILE_LIMIT: int | None = None
 TF32, TF32X3 = 1, 3  # csrc/capi.h, tensor_cores: one TF32 pass, or three (3xTF32)
+# The barrier between steps: the split-phase one on a counter (each block arrives with a release add once its
+# stores are done, and waits by polling with acquire loads), or, when False, the cooperative grid barrier
+# (cooperative_groups grid.sync). Both keep the cooperative launch, which is what guarantees co-residency.
+FLAG_BARRIER = True
 MIN_CAPABILITY = (8, 0)
 ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
@@ -65,7 +69,7 @@ class ForwardParams(ctypes.Structure):
     """``rnnfast_forward_params`` of csrc/capi.h, field for field."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
-                                               "c_n", "gates", "hs", "cs", "hc")] + \
+                                               "c_n", "gates", "hs", "cs", "hc", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
@@ -74,7 +78,7 @@ class BackwardParams(ctypes.Structure):
     """``rnnfast_backward_params`` of csrc/capi.h, field for field."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
-                                               "dh", "dc", "direct")] + \
+                                               "dh", "dc", "direct", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
 
@@ -243,7 +247,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rnnfast_abi_version.restype = ctypes.c_int
     lib.rnnfast_emulated.restype = ctypes.c_int
     lib.rnnfast_last_error.restype = ctypes.c_char_p
-    lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p]
     lib.rnnfast_grid_barrier.restype = ctypes.c_int
     lib.rnnfast_forward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
     lib.rnnfast_backward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -325,6 +330,12 @@ def _tensor_core_fields(kind: str, cell: str, B: int, H: int, x: torch.Tensor, b
     return {"tensor_cores": tensor_core_mode(x.dtype) if m_tile else 0, "m_tile": m_tile}
 
 
+def _barrier_counter(device: torch.device) -> torch.Tensor | None:
+    """The split-phase barrier's counter, zeroed for one launch (it counts every block's arrivals from 0), or None
+    for the cooperative grid barrier (:data:`FLAG_BARRIER`)."""
+    return torch.zeros(1, dtype=torch.int32, device=device) if FLAG_BARRIER else None
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
@@ -338,26 +349,35 @@ def _lengths(lengths, x):
 
 
 def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats: int = 5,
-                         device: torch.device | str = "cuda") -> float:
-    """Microseconds one cooperative grid barrier costs with ``blocks`` blocks of 256 threads (default: one per
-    multiprocessor, as the layer kernels launch): the median over ``repeats`` launches of ``iters`` barriers,
-    timed with CUDA events after a warm-up launch."""
+                         device: torch.device | str = "cuda", flag: bool = False) -> float:
+    """Microseconds one step barrier costs with ``blocks`` blocks of 256 threads (default: one per multiprocessor,
+    as the layer kernels launch): the cooperative grid barrier, or with ``flag`` the split-phase one on a counter
+    (:data:`FLAG_BARRIER`); the median over ``repeats`` launches of ``iters`` barriers, timed with CUDA events
+    after a warm-up launch."""
     lib = load_library()
     device = torch.device(device)
     blocks = blocks or torch.cuda.get_device_properties(device).multi_processor_count
     passed = torch.zeros((), dtype=torch.int32, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
     times = []
+
+    def launch(n, stream):
+        return lib.rnnfast_grid_barrier(blocks, n, passed.data_ptr(), counter.data_ptr() if flag else None, stream)
+
     with torch.cuda.device(device):  # the events must record on the stream the library launches on
         stream = _stream(device)
-        _check(lib.rnnfast_grid_barrier(blocks, 10, passed.data_ptr(), stream), "grid_barrier")
+        counter.zero_()
+        _check(launch(10, stream), "grid_barrier")
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            counter.zero_()  # the split-phase barrier counts every arrival from 0
             start.record()
-            _check(lib.rnnfast_grid_barrier(blocks, iters, passed.data_ptr(), stream), "grid_barrier")
+            _check(launch(iters, stream), "grid_barrier")
             end.record()
             end.synchronize()
-            if int(passed) != iters:
-                raise RuntimeError(f"grid_barrier passed {int(passed)} barriers, expected {iters}")
+            if int(passed) != iters or (flag and int(counter) != blocks * iters):
+                raise RuntimeError(f"grid_barrier passed {int(passed)} barriers (counter {int(counter)}), expected "
+                                   f"{iters} ({blocks * iters if flag else 0})")
             times.append(start.elapsed_time(end) * 1000.0 / max(iters, 1))
     return sorted(times)[len(times) // 2]
 
@@ -418,9 +438,10 @@ class CudaBackend(KernelBackend):
         if cs is not None:
             cs[t0].copy_(a.c0)
         lengths = _lengths(a.lengths, x)
+        counter = _barrier_counter(x.device)
         p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
                           lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
-                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), T=T, B=B, I=I, H=H, block_h=block_h,
+                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), sync=_ptr(counter), T=T, B=B, I=I, H=H, block_h=block_h,
                           reverse=int(bool(a.reverse)), **_tensor_core_fields("forward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
@@ -446,9 +467,10 @@ class CudaBackend(KernelBackend):
         grad_y = grads.y.to(dt).contiguous()
         lengths = _lengths(a.lengths, x)
         block_h = _block_h(cell, H, x)
+        counter = _barrier_counter(dev)
         p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
                            hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
-                           direct=_ptr(direct), T=T, B=B, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
+                           direct=_ptr(direct), sync=_ptr(counter), T=T, B=B, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
                            **_tensor_core_fields("backward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():

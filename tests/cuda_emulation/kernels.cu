@@ -75,6 +75,7 @@ struct GridArgs {
   uint32_t* buf;
   uint32_t* out;
   int rounds;
+  unsigned* counter;  // non-null: the split-phase barrier on it (grid_arrive, grid_wait) instead of sync_grid
 };
 
 __global__ void grid_exchange_kernel(GridArgs a) {
@@ -83,7 +84,13 @@ __global__ void grid_exchange_kernel(GridArgs a) {
   for (int r = 0; r < a.rounds; ++r) {
     uint32_t* slot = a.buf + static_cast<size_t>(r & 1) * n;
     slot[gid] = v;
-    rf::sync_grid();  // every write of this round before any read; the other slot's readers are done too
+    // Every write of this round before any read; the other slot's readers are done too.
+    if (a.counter != nullptr) {
+      rf::grid_arrive(a.counter);
+      rf::grid_wait(a.counter, static_cast<unsigned>(r + 1) * gridDim.x);
+    } else {
+      rf::sync_grid();
+    }
     v = v * 3u + slot[(gid + 257u * static_cast<uint32_t>(r + 1)) % n];
   }
   a.out[gid] = v;
@@ -274,6 +281,10 @@ __global__ void fail_kernel(FailArgs a) {
     case 8:  // a stack overflow
       a.out[t] = deep_frame(t);
       break;
+    case 11:  // block 1 never arrives at the split-phase barrier the others wait at (a.out[0] is the counter)
+      if (blockIdx.x != 1) rf::grid_arrive(reinterpret_cast<unsigned*>(a.out));
+      rf::grid_wait(reinterpret_cast<unsigned*>(a.out), gridDim.x);
+      break;
     case 9:  // lane 0 shuffles first, then the rest of its warp reaches the block barrier
       if (lane == 0) a.out[t] = rf::shfl_xor(1, 1);
       rf::sync_block();
@@ -304,28 +315,38 @@ __global__ void fail_kernel(FailArgs a) {
 // --------------------------------------------------------------------------------------------- cp_async4 ---
 // Thread t copies in[t] into the shared word of its neighbour t+1 with cp.async, waits for its copy, and after a
 // block barrier reads the word it was sent: out[t] = in[t-1].
+// cp_async16 (wide): four words at a time, in[4t..4t+3] to the neighbour's four; offset words added to the source
+// (1 misaligns it).
 struct CopyArgs {
   const int* in;
   int* out;
+  int wide, offset;
 };
 
 __global__ void cp_async_kernel(CopyArgs a) {
   int* s = reinterpret_cast<int*>(rf::dynamic_smem());
   const unsigned n = blockDim.x, t = threadIdx.x, base = blockIdx.x * n;
-  rf::cp_async4(s + (t + 1) % n, a.in + base + t);
+  const unsigned w = a.wide ? 4 : 1;
+  if (a.wide) rf::cp_async16(s + (t + 1) % n * 4, a.in + (base + t) * 4 + a.offset);
+  else rf::cp_async4(s + (t + 1) % n, a.in + base + t);
   rf::cp_async_commit();
   rf::cp_async_wait_all();
   rf::sync_block();
-  a.out[base + t] = s[t];
+  for (unsigned i = 0; i < w; ++i) a.out[(base + t) * w + i] = s[t * w + i];
 }
 
-// bufs: in, out (int32, blocks*threads); ints: blocks, threads.
+// bufs: in, out (int32, blocks*threads, x4 wide); ints: blocks, threads, wide, offset.
 EMU_EXPORT int emu_cp_async(void* const* bufs, const long long* ints, char* err, int err_len) {
-  const CopyArgs a{static_cast<const int*>(bufs[0]), static_cast<int*>(bufs[1])};
+  // A 16-byte aligned copy of the input: numpy promises less.
+  const size_t words = static_cast<size_t>(ints[0] * ints[1]) * (ints[2] ? 4 : 1) + 4;
+  int* in = static_cast<int*>(std::aligned_alloc(64, (words * 4 + 63) / 64 * 64));
+  std::memcpy(in, bufs[0], (words - 4) * 4);
+  const CopyArgs a{in, static_cast<int*>(bufs[1]), static_cast<int>(ints[2]), static_cast<int>(ints[3])};
   std::string e;
   const unsigned threads = static_cast<unsigned>(ints[1]);
-  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), threads, threads * sizeof(int),
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), threads, threads * sizeof(int) * (ints[2] ? 4 : 1),
                              [&] { cp_async_kernel(a); }, &e);
+  std::free(in);
   return report(ok, e, err, err_len);
 }
 
@@ -347,9 +368,11 @@ EMU_EXPORT int emu_tree_sum(void* const* bufs, const long long* ints, char* err,
   return report(ok, e, err, err_len);
 }
 
-// bufs: buf (uint32, 2*N), out (uint32, N), seconds (float64, 1); ints: blocks, threads, rounds.
+// bufs: buf (uint32, 2*N), out (uint32, N), seconds (float64, 1), counter (uint32, 1); ints: blocks, threads,
+// rounds, flag (1: the split-phase barrier on counter).
 EMU_EXPORT int emu_sync_grid(void* const* bufs, const long long* ints, char* err, int err_len) {
-  const GridArgs a{static_cast<uint32_t*>(bufs[0]), static_cast<uint32_t*>(bufs[1]), static_cast<int>(ints[2])};
+  const GridArgs a{static_cast<uint32_t*>(bufs[0]), static_cast<uint32_t*>(bufs[1]), static_cast<int>(ints[2]),
+                   ints[3] != 0 ? static_cast<unsigned*>(bufs[3]) : nullptr};
   std::string e;
   const auto t0 = std::chrono::steady_clock::now();
   const bool ok = rf::launch(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), 0,
