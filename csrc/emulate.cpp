@@ -198,6 +198,8 @@ const char* name_of(Collective c) {
     case Collective::load_matrix_sync: return "load_matrix_sync";
     case Collective::store_matrix_sync: return "store_matrix_sync";
     case Collective::mma_sync: return "mma_sync";
+    case Collective::ldmatrix: return "ldmatrix";
+    case Collective::mma_m16n8k16: return "mma_m16n8k16";
   }
   return "?";
 }
@@ -655,7 +657,12 @@ void arrive_grid() {
   yield(self);
 }
 
-uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask) {
+namespace {
+
+// The collective's part common to all: deposit (value, args), wait for the warp, check that its lanes agree, and
+// return the slots of this collective, every lane's value, which stay as they are until this lane's next
+// collective completes.
+const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
   Fiber* self = require_fiber(name_of(what));
   if (g->threads % 32 != 0)
     fail_now(where(self) + ": " + name_of(what) + " needs whole warps, but blockDim.x is " +
@@ -682,7 +689,7 @@ uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lan
         fail_now(warp + ": its lanes are in different warp collectives at once: lane 0 in " + name_of(s[0].what) +
                  ", lane " + std::to_string(l) + " in " + name_of(s[l].what) + " (divergent code?)");
     }
-    if (what != Collective::shfl_xor) {
+    if (what != Collective::shfl_xor && what != Collective::ldmatrix && what != Collective::mma_m16n8k16) {
       for (unsigned l = 1; l < 32; ++l) {
         if (s[l].value != s[0].value || s[l].args != s[0].args)
           fail_now(warp + ": " + name_of(what) + " needs the same pointer, ldm and layout on every lane, but lane 0 "
@@ -698,9 +705,27 @@ uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lan
     self->waits_in = what;
     yield(self);
   }
+  return w.slot[gen];
+}
+
+}  // namespace
+
+uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask) {
+  const Slot* slots = arrive_warp(what, value, args);
+  const unsigned lane = g->cur->thread % 32;
   unsigned src = lane ^ static_cast<unsigned>(lane_mask);
   if (src >= 32) src = lane;
-  return w.slot[gen][src].value;
+  return slots[src].value;
+}
+
+void warp_gather(Collective what, uint64_t value, uint64_t* all) {
+  const Slot* slots = arrive_warp(what, value, 0);
+  for (unsigned l = 0; l < 32; ++l) all[l] = slots[l].value;
+}
+
+bool in_smem(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= current_smem && c + bytes <= current_smem + g->smem_bytes;
 }
 
 // A thread that waits for a flag another thread sets: to the back of the queue, so that every other ready thread

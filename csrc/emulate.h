@@ -167,7 +167,7 @@ inline double tanh_(double v) { return std::tanh(v); }
 namespace detail {
 
 // The warp collectives: every lane of a warp must be in the same one at once.
-enum class Collective : int { shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync };
+enum class Collective : int { shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync, ldmatrix, mma_m16n8k16 };
 
 // Block barrier and grid barrier; both switch fibers until the whole block (grid) has arrived.
 RF_EMU_API void arrive_block();
@@ -176,6 +176,10 @@ RF_EMU_API void arrive_grid();
 // which must agree across the warp), waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
 // where that lane is out of range, as PTX shfl.bfly does).
 RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask);
+// Every lane deposits `value` and waits for all 32; all[l] is then lane l's.
+RF_EMU_API void warp_gather(Collective what, uint64_t value, uint64_t* all);
+// Whether [p, p + bytes) lies in the current block's dynamic shared memory.
+RF_EMU_API bool in_smem(const void* p, size_t bytes);
 // The calling thread waits for a flag (grid_wait): every other ready thread runs before it checks again. A launch in
 // which only spinning threads are left to run fails as a deadlock. progressed(): its flag was set.
 RF_EMU_API void spin();
@@ -235,6 +239,59 @@ inline void cp_async16(void* smem, const void* gmem) {
                  std::to_string(reinterpret_cast<uintptr_t>(gmem) % 16) + " bytes past a boundary");
   std::memcpy(smem, gmem, 16);
 }
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the addresses of the 8 rows (16 bytes each) of
+// matrix i; lane l gets, in r[i], row l/4 of matrix i, elements 2(l%4) and 2(l%4)+1 (the first in the low half).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  uint64_t rows[32];
+  detail::warp_gather(detail::Collective::ldmatrix, reinterpret_cast<uintptr_t>(row), rows);
+  const unsigned lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) {
+    const auto* p = reinterpret_cast<const unsigned char*>(rows[i * 8 + lane / 4]);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || !detail::in_smem(p, 16))
+      detail::fail("ldmatrix: lane " + std::to_string(i * 8 + lane / 4) + "'s row address is " +
+                   (reinterpret_cast<uintptr_t>(p) % 16 != 0 ? "not 16-byte aligned" : "outside shared memory"));
+    std::memcpy(&r[i], p + 4 * (lane % 4), 4);
+  }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += a b for the warp's 16 x 16 A (row-major) and 16 x 8 B
+// (column-major) in the PTX fragment layouts, g = lane/4, c = 2(lane%4): a[0] holds A(g, c..c+1), a[1] A(g+8, c..),
+// a[2] A(g, c+8..), a[3] A(g+8, c+8..); b[0] B(c..c+1, g), b[1] B(c+8.., g); d[0..1] D(g, c..c+1), d[2..3]
+// D(g+8, c..). Products exact in float, summed in float in k order after d.
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>, "mma_m16n8k16 multiplies half_t or bf16_t");
+  uint64_t a01[32], a23[32], bb[32];
+  detail::warp_gather(detail::Collective::mma_m16n8k16, a[0] | (uint64_t{a[1]} << 32), a01);
+  detail::warp_gather(detail::Collective::mma_m16n8k16, a[2] | (uint64_t{a[3]} << 32), a23);
+  detail::warp_gather(detail::Collective::mma_m16n8k16, b[0] | (uint64_t{b[1]} << 32), bb);
+  auto half_of = [](uint64_t word, int which) {  // 16-bit element `which` (0..3) of a gathered pair of registers
+    T v;
+    const uint16_t bits = static_cast<uint16_t>(word >> (16 * which));
+    std::memcpy(&v, &bits, 2);
+    return static_cast<float>(v);
+  };
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned gr = l / 4, c = 2 * (l % 4);
+    for (int e = 0; e < 2; ++e) {
+      A[gr][c + e] = half_of(a01[l], e);
+      A[gr + 8][c + e] = half_of(a01[l], 2 + e);
+      A[gr][c + 8 + e] = half_of(a23[l], e);
+      A[gr + 8][c + 8 + e] = half_of(a23[l], 2 + e);
+      B[c + e][gr] = half_of(bb[l], e);
+      B[c + 8 + e][gr] = half_of(bb[l], 2 + e);
+    }
+  }
+  const unsigned lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
+    float s = d[i];
+    for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+    d[i] = s;
+  }
+}
+
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
 

@@ -8,9 +8,9 @@
 // Arithmetic: operands in the layer's dtype, products and sums in acc_t (float for half types and float32,
 // double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. The recurrent products of
 // the forward (h_{t-1} W_hh^T) and of the backward (d_hid W_hh) run on tensor cores when the caller asks and the
-// tiles fit shared memory: WMMA 16x16x16 for float16/bfloat16, 16x16x8 TF32 for float32 (one pass under
-// torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's accuracy), fp32
-// accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in tiles of m_tile
+// tiles fit shared memory: ldmatrix and mma.sync m16n8k16 for float16/bfloat16, WMMA 16x16x8 TF32 for float32 (one
+// pass under torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's
+// accuracy), fp32 accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in tiles of m_tile
 // rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise part then runs
 // one thread per (sequence, unit), with the hoisted input part of the next step prefetched into shared memory
 // (cp.async) before the grid barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every
@@ -99,17 +99,18 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // How a block's recurrent product runs on tensor cores, per layer dtype: st_t, the operand type kept in shared
-// memory; frag_t, the WMMA fragments' element type; kK, the depth of one WMMA tile. st_t void: no tensor-core path
-// (float64, which stays on DFMA). float32 keeps its operands unrounded in shared memory and rounds each fragment to
-// TF32 as it is loaded; 3xTF32 adds the products of the remainders, for about float32's accuracy.
+// memory; kK, the depth of one tile (ldmatrix + mma.sync m16n8k16 for the 16-bit types, WMMA 16x16x8 TF32 for
+// float32). st_t void: no tensor-core path (float64, which stays on DFMA). float32 keeps its operands unrounded in
+// shared memory and rounds each fragment to TF32 as it is loaded; 3xTF32 adds the products of the remainders, for
+// about float32's accuracy.
 template <typename scalar_t>
 struct Mma { using st_t = void; static constexpr int kK = 16; };
 template <>
-struct Mma<rf::half_t> { using st_t = rf::half_t; using frag_t = rf::half_t; static constexpr int kK = 16; };
+struct Mma<rf::half_t> { using st_t = rf::half_t; static constexpr int kK = 16; };
 template <>
-struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; using frag_t = rf::bf16_t; static constexpr int kK = 16; };
+struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; static constexpr int kK = 16; };
 template <>
-struct Mma<float> { using st_t = float; using frag_t = rf::wmma::precision::tf32; static constexpr int kK = 8; };
+struct Mma<float> { using st_t = float; static constexpr int kK = 8; };
 
 // The tile depth of a layer dtype's tensor-core product, from its size (the C size queries know only that): 8 for
 // TF32, 16 for the 16-bit types.
@@ -173,42 +174,39 @@ __host__ __device__ inline size_t mma_product_offset(size_t elem, int m_tile, in
   return elem * static_cast<size_t>(n_pad + m_tile) * k_ld;
 }
 
-// acc += one k-deep chunk of a warp's 16 x 16 tile: a (row-major [16][k_ld]) times W (column-major [16][k_ld]),
-// both in shared memory. 16-bit types multiply as they are; float32 rounds each fragment to TF32 (passes 1), or
-// splits it into a TF32 high part and a TF32 remainder and adds the three largest products (passes 3, 3xTF32).
-template <typename scalar_t, typename acc_frag_t, typename st_t>
-__device__ __forceinline__ void mma_chunk(acc_frag_t& acc, const st_t* a, const st_t* w, int k_ld, int passes) {
+// acc += one 8-deep chunk of a warp's 16 x 16 TF32 tile: a (row-major [16][k_ld]) times W (column-major
+// [16][k_ld]), float32 in shared memory, each fragment rounded to TF32 (passes 1), or split into a TF32 high part and
+// a TF32 remainder, adding the three largest products (passes 3, 3xTF32).
+template <typename acc_frag_t>
+__device__ __forceinline__ void tf32_chunk(acc_frag_t& acc, const float* a, const float* w, int k_ld, int passes) {
   namespace wmma = rf::wmma;
-  using M = Mma<scalar_t>;
-  wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::frag_t, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::frag_t, wmma::col_major> fb;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
   wmma::load_matrix_sync(fa, a, k_ld);
   wmma::load_matrix_sync(fb, w, k_ld);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (passes == 3) {
-      decltype(fa) fa_lo;
-      decltype(fb) fb_lo;
+  if (passes == 3) {
+    decltype(fa) fa_lo;
+    decltype(fb) fb_lo;
 #pragma unroll
-      for (int i = 0; i < fa.num_elements; ++i) {
-        const float hi = wmma::__float_to_tf32(fa.x[i]);
-        fa_lo.x[i] = wmma::__float_to_tf32(fa.x[i] - hi);
-        fa.x[i] = hi;
-      }
-#pragma unroll
-      for (int i = 0; i < fb.num_elements; ++i) {
-        const float hi = wmma::__float_to_tf32(fb.x[i]);
-        fb_lo.x[i] = wmma::__float_to_tf32(fb.x[i] - hi);
-        fb.x[i] = hi;
-      }
-      // The small products first, so that they are not lost against the large one.
-      wmma::mma_sync(acc, fa_lo, fb, acc);
-      wmma::mma_sync(acc, fa, fb_lo, acc);
-    } else {
-#pragma unroll
-      for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
-#pragma unroll
-      for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+    for (int i = 0; i < fa.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(fa.x[i]);
+      fa_lo.x[i] = wmma::__float_to_tf32(fa.x[i] - hi);
+      fa.x[i] = hi;
     }
+#pragma unroll
+    for (int i = 0; i < fb.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(fb.x[i]);
+      fb_lo.x[i] = wmma::__float_to_tf32(fb.x[i] - hi);
+      fb.x[i] = hi;
+    }
+    // The small products first, so that they are not lost against the large one.
+    wmma::mma_sync(acc, fa_lo, fb, acc);
+    wmma::mma_sync(acc, fa, fb_lo, acc);
+  } else {
+#pragma unroll
+    for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+#pragma unroll
+    for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
   }
   wmma::mma_sync(acc, fa, fb, acc);
 }
@@ -257,16 +255,49 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
   }
   rf::sync_block();
   const int n_tiles = n_pad / 16, tiles = (m_tile / 16) * n_tiles, chunks = k_pad / kK;
-  for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
-    const int tile = work % tiles, split = work / tiles;
-    const int mt = tile / n_tiles, nt = tile % n_tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c)
-      mma_chunk<scalar_t>(acc, at + static_cast<size_t>(mt) * 16 * k_ld + c * kK,
-                          wt + static_cast<size_t>(nt) * 16 * k_ld + c * kK, k_ld, passes);
-    wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_tile + mt * 16) * n_pad + nt * 16, acc, n_pad,
-                            wmma::mem_row_major);
+  if constexpr (!std::is_same_v<st_t, float>) {
+    // 16-bit types: ldmatrix and mma.sync m16n8k16, two n halves of the 16 x 16 tile per k16 chunk. Lane l gives
+    // ldmatrix the address of row l%8 of 8x8 matrix l/8: for A, (rows +8 for odd matrices, columns +8 for the
+    // last two), so that the registers are mma's a[0..3]; for W, [n][k] being B column-major, (columns +8 for odd
+    // matrices, rows +8 for the last two): b of the first n half, then of the second.
+    const int lane = threadIdx.x % 32, r8 = lane % 8, odd = (lane / 8) % 2, high = lane / 16;
+    for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
+      const int tile = work % tiles, split = work / tiles;
+      const int mt = tile / n_tiles, nt = tile % n_tiles;
+      float acc[2][4] = {};
+      const st_t* a_row = at + static_cast<size_t>(mt * 16 + r8 + odd * 8) * k_ld + high * 8;
+      const st_t* w_row = wt + static_cast<size_t>(nt * 16 + r8 + high * 8) * k_ld + odd * 8;
+      for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c) {
+        uint32_t fa[4], fb[4];
+        rf::ldmatrix_x4(fa, a_row + c * 16);
+        rf::ldmatrix_x4(fb, w_row + c * 16);
+        const uint32_t b_lo[2] = {fb[0], fb[1]}, b_hi[2] = {fb[2], fb[3]};
+        rf::mma_m16n8k16<st_t>(acc[0], fa, b_lo);
+        rf::mma_m16n8k16<st_t>(acc[1], fa, b_hi);
+      }
+      // D(g, c..c+1) in acc[h][0..1], D(g+8, c..c+1) in acc[h][2..3], g = lane/4, c = 2(lane%4).
+      float* out = prod + (static_cast<size_t>(split) * m_tile + mt * 16 + lane / 4) * n_pad + nt * 16 + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        out[h * 8] = acc[h][0];
+        out[h * 8 + 1] = acc[h][1];
+        out[8 * n_pad + h * 8] = acc[h][2];
+        out[8 * n_pad + h * 8 + 1] = acc[h][3];
+      }
+    }
+  } else {
+    // float32: WMMA 16x16x8 TF32 tiles.
+    for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
+      const int tile = work % tiles, split = work / tiles;
+      const int mt = tile / n_tiles, nt = tile % n_tiles;
+      wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c)
+        tf32_chunk(acc, at + static_cast<size_t>(mt) * 16 * k_ld + c * kK,
+                   wt + static_cast<size_t>(nt) * 16 * k_ld + c * kK, k_ld, passes);
+      wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_tile + mt * 16) * n_pad + nt * 16, acc, n_pad,
+                              wmma::mem_row_major);
+    }
   }
   rf::sync_block();
 }

@@ -18,6 +18,9 @@
 //                                 bytes through L2 only (both addresses 16-byte aligned); cp_async_commit()
 //                                 closes a group, cp_async_wait_all() waits for every copy this thread issued (the
 //                                 other threads see them after a block barrier)
+//   rf::ldmatrix_x4(r, row)       ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8x8 16-bit matrices, one row
+//                                 address a lane (lanes 8i..8i+7: matrix i), into the mma fragment layout
+//   rf::mma_m16n8k16<T>(d, a, b)  mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, d += a b (T half_t or bf16_t)
 //   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
 //                                 store_matrix_sync for 16x16x16 half/bf16 tiles and 16x16x8 TF32 tiles
 //                                 (precision::tf32, __float_to_tf32), with float accumulators
@@ -32,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "capi.h"
 
@@ -90,6 +94,26 @@ RF_DEVICE void cp_async4(void* smem, const void* gmem) {
 RF_DEVICE void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+RF_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+template <typename T>
+RF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 }
 RF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }

@@ -308,7 +308,8 @@ def _triton_tool(name: str) -> Path | None:
 
 def kernel_report(library: str) -> list[dict]:
     """Per kernel of the GPU library: its kind, cell and dtype, registers, stack and local memory (spills),
-    static shared memory, and how many tensor-core (HMMA), FMA and cp.async (LDGSTS) instructions its SASS has."""
+    static shared memory, and how many tensor-core (HMMA), ldmatrix (LDSM), FMA and cp.async (LDGSTS)
+    instructions its SASS has."""
     tool = cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump was not found (CUDA_HOME's bin, Triton's, or PATH)")
@@ -320,9 +321,9 @@ def kernel_report(library: str) -> list[dict]:
         m = re.search(r"Function : (\S+)", line)
         if m:
             name = m.group(1)
-            counts.setdefault(name, {"HMMA": 0, "FFMA": 0, "DFMA": 0, "LDGSTS": 0})
+            counts.setdefault(name, {"HMMA": 0, "LDSM": 0, "FFMA": 0, "DFMA": 0, "LDGSTS": 0})
         elif name is not None:
-            for op in ("HMMA", "FFMA", "DFMA", "LDGSTS"):
+            for op in ("HMMA", "LDSM", "FFMA", "DFMA", "LDGSTS"):
                 if re.search(rf"\b{op}\b", line):
                     counts[name][op] += 1
     rows = []
@@ -343,10 +344,10 @@ def kernel_report(library: str) -> list[dict]:
 def print_report(library: str) -> None:
     print(f"kernels of {library}:")
     print(f"  {'cell':9} {'dtype':5} {'kernel':8} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>5} {'HMMA':>5} "
-          f"{'FFMA':>5} {'DFMA':>5} {'cp.async':>8}")
+          f"{'LDSM':>5} {'FFMA':>5} {'DFMA':>5} {'cp.async':>8}")
     for r in kernel_report(library):
         print(f"  {r['cell']:9} {r['dtype']:5} {r['kind']:8} {r['registers']:4} {r['stack']:5} {r['local']:5} "
-              f"{r['shared']:5} {r['hmma']:5} {r['ffma']:5} {r['dfma']:5} {r['ldgsts']:8}")
+              f"{r['shared']:5} {r['hmma']:5} {r['ldsm']:5} {r['ffma']:5} {r['dfma']:5} {r['ldgsts']:8}")
     from .backends import cuda  # torch, only for the plans
 
     print("plans on an H100/H200 (132 multiprocessors, 227 KiB of shared memory a block):")

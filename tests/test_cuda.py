@@ -653,6 +653,8 @@ def test_half_kernels_use_tensor_cores_forward_and_backward_and_nothing_spills(g
         if r["dtype"] in ("f16", "bf16", "f32"):
             # float32's are TF32 (one pass under cudnn.allow_tf32, three without).
             assert r["hmma"] > 0, f"{name}: no tensor-core instruction"
+            # The 16-bit types' fragments come from shared memory through ldmatrix (bf16 WMMA had none).
+            assert (r["ldsm"] > 0) == (r["dtype"] != "f32"), f"{name}: {r['ldsm']} ldmatrix"
             # Both stage the product's A operand with cp.async (LDGSTS); the forward also prefetches the next
             # step's input part.
             assert r["ldgsts"] >= (3 if r["kind"] == "forward" else 1), f"{name}: {r['ldgsts']} cp.async"

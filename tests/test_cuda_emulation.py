@@ -498,6 +498,31 @@ def test_float_to_tf32_rounds_to_nearest_ties_away(lib, tmp_path):
     assert np.isnan(nan).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_ldmatrix_and_mma_m16n8k16_match_a_float64_product(lib, tmp_path, dtype):
+    """D = A B + C for A 16 x 48 and B 48 x 8 (given as B^T, the layer kernels' W[n][k]) through ldmatrix and
+    mma.sync in their PTX register layouts, rows padded by 8 elements as the kernels pad them."""
+    g = torch.Generator().manual_seed(3)
+    k, ld = 48, 56
+    A = torch.randn(16, k, generator=g).to(dtype)
+    Bt = torch.randn(8, k, generator=g).to(dtype)
+    C = torch.randn(16, 8, generator=g)
+    a_mem = torch.full((16, ld), float("nan"), dtype=dtype)
+    a_mem[:, :k] = A
+    b_mem = torch.full((8, ld), float("nan"), dtype=dtype)
+    b_mem[:, :k] = Bt
+    bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16).copy()  # noqa: E731
+    bufs = [bits(a_mem), bits(b_mem), C.numpy().copy(), np.full(128, np.nan, np.float32)]
+    r = run(lib, tmp_path, "mma", bufs, [0 if dtype == torch.float16 else 1, k, ld, ld, 0])
+    assert r.rc == 0, r.error
+    D = torch.from_numpy(r.bufs[3]).view(16, 8).double()
+    ref = A.double() @ Bt.double().t() + C.double()
+    bound = (A.double().abs() @ Bt.double().abs().t() + C.double().abs()) * 2.0**-18
+    assert ((D - ref).abs() <= bound).all(), f"max error {(D - ref).abs().max():.3g}"
+    r = run(lib, tmp_path, "mma", bufs, [0, k, ld, ld, 4])  # A's rows 8 bytes off 16
+    assert_fails(r, "ldmatrix", "not 16-byte aligned")
+
+
 def test_wmma_refuses_a_misaligned_tile(lib, tmp_path):
     bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, a_offset=8)  # 16 bytes off
     assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "load_matrix_sync", "32-byte", "block 0 thread ")

@@ -193,6 +193,43 @@ bool wmma_launch(bool a_col, bool b_col, unsigned threads, const WmmaArgs& p, st
   return go(&wmma_kernel<T, wmma::col_major, wmma::col_major>);
 }
 
+// ------------------------------------------------------------------------------- ldmatrix + mma.sync ---
+// D = A B + C for A 16 x K (row-major, lda), B K x 8 given as B^T [8][ldb] (the layer kernels' W[n][k]), C/D 16 x 8
+// row-major float: A and B^T staged in shared memory, ldmatrix x4 for A, x2 of the x4 for B (both k halves),
+// mma_m16n8k16 per 16-deep chunk. offset (elements) shifts the staged A, misaligning its rows when not 8.
+struct MmaArgs {
+  const void* a;
+  const void* bt;
+  const float* c;
+  float* d;
+  int k, lda, ldb, offset;
+};
+
+template <typename T>
+__global__ void mma_kernel(MmaArgs p) {
+  T* sa = reinterpret_cast<T*>(rf::dynamic_smem()) + p.offset;
+  T* sb = reinterpret_cast<T*>(rf::dynamic_smem()) + 16 * p.lda + 16;
+  const T* A = static_cast<const T*>(p.a);
+  const T* Bt = static_cast<const T*>(p.bt);
+  for (int i = threadIdx.x; i < 16 * p.lda; i += blockDim.x) sa[i] = A[i];
+  for (int i = threadIdx.x; i < 8 * p.ldb; i += blockDim.x) sb[i] = Bt[i];
+  rf::sync_block();
+  const int lane = threadIdx.x % 32, gr = lane / 4, c2 = 2 * (lane % 4);
+  float acc[4] = {p.c[gr * 8 + c2], p.c[gr * 8 + c2 + 1], p.c[(gr + 8) * 8 + c2], p.c[(gr + 8) * 8 + c2 + 1]};
+  for (int kc = 0; kc < p.k; kc += 16) {
+    uint32_t fa[4], fb[4];
+    rf::ldmatrix_x4(fa, sa + (lane % 8 + ((lane / 8) % 2) * 8) * p.lda + kc + (lane / 16) * 8);
+    // B^T rows n = lane % 8 (both pairs of matrices alike), k halves by odd matrix.
+    rf::ldmatrix_x4(fb, sb + (lane % 8) * p.ldb + kc + ((lane / 8) % 2) * 8);
+    const uint32_t b[2] = {fb[0], fb[1]};
+    rf::mma_m16n8k16<T>(acc, fa, b);
+  }
+  p.d[gr * 8 + c2] = acc[0];
+  p.d[gr * 8 + c2 + 1] = acc[1];
+  p.d[(gr + 8) * 8 + c2] = acc[2];
+  p.d[(gr + 8) * 8 + c2 + 1] = acc[3];
+}
+
 void* aligned_copy(const void* src, size_t bytes) {
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   std::memcpy(p, src, bytes);
@@ -468,6 +505,18 @@ EMU_EXPORT int emu_tf32(void* const* bufs, const long long* ints, char*, int) {
   float* v = static_cast<float*>(bufs[0]);
   for (long long i = 0; i < ints[0]; ++i) v[i] = rf::wmma::__float_to_tf32(v[i]);
   return 0;
+}
+
+// bufs: a (16 x lda), bt (8 x ldb) 16-bit; c, d (16 x 8 float32); ints: dtype (0 half, 1 bf16), k, lda, ldb, offset.
+EMU_EXPORT int emu_mma(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const MmaArgs p{bufs[0], bufs[1], static_cast<const float*>(bufs[2]), static_cast<float*>(bufs[3]),
+                  static_cast<int>(ints[1]), static_cast<int>(ints[2]), static_cast<int>(ints[3]),
+                  static_cast<int>(ints[4])};
+  const size_t smem = 2 * (16 * static_cast<size_t>(p.lda) + 16 + 8 * static_cast<size_t>(p.ldb));
+  std::string e;
+  const bool ok = ints[0] == 0 ? rf::launch(1, 32, smem, [&] { mma_kernel<rf::half_t>(p); }, &e)
+                               : rf::launch(1, 32, smem, [&] { mma_kernel<rf::bf16_t>(p); }, &e);
+  return report(ok, e, err, err_len);
 }
 
 // bufs: out (uint8, 2 launches x blocks x bytes), misaligned (int32, blocks); ints: blocks, threads, bytes, mode,
