@@ -200,6 +200,7 @@ const char* name_of(Collective c) {
     case Collective::mma_sync: return "mma_sync";
     case Collective::ldmatrix: return "ldmatrix";
     case Collective::mma_m16n8k16: return "mma_m16n8k16";
+    case Collective::mma_m16n8k8: return "mma_m16n8k8";
   }
   return "?";
 }
@@ -689,7 +690,8 @@ const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
         fail_now(warp + ": its lanes are in different warp collectives at once: lane 0 in " + name_of(s[0].what) +
                  ", lane " + std::to_string(l) + " in " + name_of(s[l].what) + " (divergent code?)");
     }
-    if (what != Collective::shfl_xor && what != Collective::ldmatrix && what != Collective::mma_m16n8k16) {
+    if (what != Collective::shfl_xor && what != Collective::ldmatrix && what != Collective::mma_m16n8k16 &&
+        what != Collective::mma_m16n8k8) {
       for (unsigned l = 1; l < 32; ++l) {
         if (s[l].value != s[0].value || s[l].args != s[0].args)
           fail_now(warp + ": " + name_of(what) + " needs the same pointer, ldm and layout on every lane, but lane 0 "

@@ -167,7 +167,9 @@ inline double tanh_(double v) { return std::tanh(v); }
 namespace detail {
 
 // The warp collectives: every lane of a warp must be in the same one at once.
-enum class Collective : int { shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync, ldmatrix, mma_m16n8k16 };
+enum class Collective : int {
+  shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync, ldmatrix, mma_m16n8k16, mma_m16n8k8
+};
 
 // Block barrier and grid barrier; both switch fibers until the whole block (grid) has arrived.
 RF_EMU_API void arrive_block();
@@ -288,6 +290,45 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
     const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
     float s = d[i];
     for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+    d[i] = s;
+  }
+}
+
+// cvt.rna.tf32.f32 (wmma::__float_to_tf32, below), as bits.
+inline uint32_t to_tf32(float v);
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d += a b for the warp's 16 x 8 A and 8 x 8 B, g = lane/4,
+// t = lane%4: a[0] A(g, t), a[1] A(g+8, t), a[2] A(g, t+4), a[3] A(g+8, t+4); b[0] B(t, g), b[1] B(t+4, g); d as
+// mma_m16n8k16's. Only the TF32 bits of each operand are read (the low 13 are ignored, as the tensor core ignores
+// them); products exact in float, summed in float in k order after d.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint64_t a01[32], a23[32], bb[32];
+  detail::warp_gather(detail::Collective::mma_m16n8k8, a[0] | (uint64_t{a[1]} << 32), a01);
+  detail::warp_gather(detail::Collective::mma_m16n8k8, a[2] | (uint64_t{a[3]} << 32), a23);
+  detail::warp_gather(detail::Collective::mma_m16n8k8, b[0] | (uint64_t{b[1]} << 32), bb);
+  auto word = [](uint64_t pair, int which) {
+    return bits_to_float(static_cast<uint32_t>(pair >> (32 * which)) & 0xFFFFE000u);
+  };
+  float A[16][8], B[8][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned gr = l / 4, t = l % 4;
+    A[gr][t] = word(a01[l], 0);
+    A[gr + 8][t] = word(a01[l], 1);
+    A[gr][t + 4] = word(a23[l], 0);
+    A[gr + 8][t + 4] = word(a23[l], 1);
+    B[t][gr] = word(bb[l], 0);
+    B[t + 4][gr] = word(bb[l], 1);
+  }
+  const unsigned lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
+    float s = d[i];
+    for (int k = 0; k < 8; ++k) s += A[m][k] * B[k][n];
     d[i] = s;
   }
 }
@@ -471,6 +512,14 @@ inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<
 }
 
 }  // namespace wmma
+
+inline uint32_t to_tf32(float v) {
+  const float r = wmma::__float_to_tf32(v);
+  uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return u;
+}
+
 }  // namespace rf
 
 #pragma GCC visibility pop

@@ -8,22 +8,22 @@
 // Arithmetic: operands in the layer's dtype, products and sums in acc_t (float for half types and float32,
 // double for float64), state h and c carried in acc_t, as rnnfast/reference.py computes. The recurrent products of
 // the forward (h_{t-1} W_hh^T) and of the backward (d_hid W_hh) run on tensor cores when the caller asks and the
-// tiles fit shared memory: ldmatrix and mma.sync m16n8k16 for float16/bfloat16, WMMA 16x16x8 TF32 for float32 (one
-// pass under torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's
-// accuracy), fp32 accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in tiles of m_tile
-// rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise part then runs
+// tiles fit shared memory: ldmatrix and mma.sync m16n8k16 for float16/bfloat16, mma.sync m16n8k8 TF32 for float32
+// (one pass under torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's
+// accuracy), fp32 accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in
+// tiles of m_tile rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise part then runs
 // one thread per (sequence, unit), with the hoisted input part of the next step prefetched into shared memory
 // (cp.async) before the grid barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every
 // other product (float64, the fused input part, what does not fit) is a plain FMA loop, one warp per (sequence,
 // chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
 //
-// Per step and block (forward, WMMA path): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time) and
+// Per step and block (forward, tensor cores): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time) and
 // B x G*HB of the hoisted input (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops (3x for 3xTF32), write B x HB of h,
 // y and the gates, one grid barrier.
 // Predicted (kernels/cost.py, cuda_kernel_step; assumptions, not measured on a GPU): (a) LSTM bf16 B=16 H=768,
-// 128 blocks x 6 units: 2.3 us/step forward, 4.3 backward; (b) LSTM fp32 B=64 H=512 (TF32 forward; the backward's
-// fp32 tiles do not fit, FMA): 5.2 and 25; (c) GRU bf16 B=256 H=1024 (batch tiles of 48 rows forward, 16 backward):
-// 24 and 53. `python -m rnnfast.build --report` prints them.
+// 128 blocks x 6 units: 2.3 us/step forward, 4.3 backward; (b) LSTM fp32 B=64 H=512 (TF32; the backward in batch
+// tiles of 16 rows): 5.2 and 16.5; (c) GRU bf16 B=256 H=1024 (batch tiles of 48 rows forward, 16 backward): 24 and
+// 53. `python -m rnnfast.build --report` prints them.
 // Measured: nothing yet.
 #pragma once
 
@@ -61,10 +61,10 @@ struct ForwardArgs {
   unsigned* sync;  // the step barrier's counter, zero at launch (step_arrive, step_wait); null: grid.sync
   int T, B, I, H, HB;
   bool reverse;
-  int passes;  // 0: FMA; 1: tensor cores (WMMA in the layer dtype, TF32 for float32); 3: 3xTF32 (float32 only)
+  int passes;  // 0: FMA; 1: tensor cores (the layer dtype's mma, TF32 for float32); 3: 3xTF32 (float32 only)
   int m_tile;  // rows of the batch per tensor-core product, a multiple of 16: the batch is tiled to fit shared memory
-  int n_pad, k_pad;  // G*HB and H rounded up to 16: the WMMA tile grid
-  int k_ld;  // row stride of both operands in shared memory: k_pad + 8, so that 16 rows fall in different banks
+  int n_pad, k_pad;  // G*HB rounded up to the tile width (mma_n_pad) and H to 16: the tensor-core tile grid
+  int k_ld;  // row stride of both operands in shared memory: k_pad plus 16 bytes (mma_k_ld)
   int splits;  // K ranges the product is split into, one warp each (mma_splits)
 };
 
@@ -99,10 +99,10 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // How a block's recurrent product runs on tensor cores, per layer dtype: st_t, the operand type kept in shared
-// memory; kK, the depth of one tile (ldmatrix + mma.sync m16n8k16 for the 16-bit types, WMMA 16x16x8 TF32 for
-// float32). st_t void: no tensor-core path (float64, which stays on DFMA). float32 keeps its operands unrounded in
-// shared memory and rounds each fragment to TF32 as it is loaded; 3xTF32 adds the products of the remainders, for
-// about float32's accuracy.
+// memory; kK, the depth of one mma (ldmatrix + mma.sync m16n8k16 for the 16-bit types, 16 x 16 tiles; mma.sync
+// m16n8k8 TF32 for float32, 16 x 8 tiles). st_t void: no tensor-core path (float64, which stays on DFMA). float32
+// keeps its operands unrounded in shared memory and rounds each fragment to TF32 as it is loaded; 3xTF32 adds the
+// products of the remainders, for about float32's accuracy.
 template <typename scalar_t>
 struct Mma { using st_t = void; static constexpr int kK = 16; };
 template <>
@@ -112,35 +112,43 @@ struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; static constexpr int kK = 16; 
 template <>
 struct Mma<float> { using st_t = float; static constexpr int kK = 8; };
 
-// The tile depth of a layer dtype's tensor-core product, from its size (the C size queries know only that): 8 for
-// TF32, 16 for the 16-bit types.
+// The tile shape of a layer dtype's tensor-core product, from its size (the C size queries know only that): TF32
+// mma is 8 deep and its tiles 8 wide; the 16-bit types' are 16 and 16 (two m16n8k16 a tile, one ldmatrix for W).
 __host__ __device__ inline int mma_depth(size_t elem) { return elem == 4 ? 8 : 16; }
+__host__ __device__ inline int mma_width(size_t elem) { return elem == 4 ? 8 : 16; }
 
 __host__ __device__ inline int pad16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
+__host__ __device__ inline int mma_n_pad(size_t elem, int64_t n) {
+  const int w = mma_width(elem);
+  return static_cast<int>((n + w - 1) / w * w);
+}
+// k_pad plus 16 bytes: the 8 rows one ldmatrix (or, TF32, one fragment's word loads) reads fall in different banks.
+__host__ __device__ inline int mma_k_ld(size_t elem, int k_pad) { return k_pad + static_cast<int>(16 / elem); }
 
-// How many K ranges a WMMA product of an m_tile x n_pad tile grid over k_pad is split into: enough that every warp
-// of the block has a (tile, K range) to work on, but no range shorter than one k_step-deep chunk.
-__host__ __device__ inline int mma_splits(int m_tile, int n_pad, int k_pad, int k_step) {
-  const int tiles = (m_tile / 16) * (n_pad / 16);
+// How many K ranges the product of an m_tile x n_pad tile grid over k_pad is split into: enough that every warp of
+// the block has a (tile, K range) to work on, but no range shorter than one mma deep.
+__host__ __device__ inline int mma_splits(int m_tile, int n_pad, int k_pad, size_t elem) {
+  const int tiles = (m_tile / 16) * (n_pad / mma_width(elem)), chunks = k_pad / mma_depth(elem);
   const int s = tiles >= kWarps ? 1 : kWarps / tiles;
-  return s < k_pad / k_step ? s : k_pad / k_step;
+  return s < chunks ? s : chunks;
 }
 
-// Bytes of shared memory of a WMMA product of M x K by K x N (mma_recurrent_product), for M the rows of one batch
+// Bytes of shared memory of the product of M x K by K x N (mma_recurrent_product), for M the rows of one batch
 // tile: both operands padded to [*][k_ld] in st_t, then the fp32 partial products [splits][m_tile][n_pad].
 __host__ __device__ inline size_t mma_smem_bytes(size_t elem, int M, int N, int K) {
-  const size_t m = pad16(M), n = pad16(N), k_ld = pad16(K) + 8;
-  return elem * (n + m) * k_ld +
-         sizeof(float) * m * n * mma_splits(pad16(M), pad16(N), pad16(K), mma_depth(elem));
+  const int m = pad16(M), n = mma_n_pad(elem, N), k_pad = pad16(K);
+  return elem * static_cast<size_t>(n + m) * mma_k_ld(elem, k_pad) +
+         sizeof(float) * static_cast<size_t>(m) * n * mma_splits(m, n, k_pad, elem);
 }
 
-// The forward's WMMA path prefetches the hoisted input part of the next step for the whole batch, [2][B][G*HB] fp32
-// (two buffers, by step parity), behind mma_recurrent_product's region (of one m_tile-row batch tile).
+// The forward's tensor-core path prefetches the hoisted input part of the next step for the whole batch,
+// [2][B][G*HB] fp32 (two buffers, by step parity), behind mma_recurrent_product's region (of one m_tile-row batch
+// tile).
 __host__ __device__ inline size_t prefetch_offset(size_t elem, int m_tile, int N, int K) {
   return mma_smem_bytes(elem, m_tile, N, K);
 }
 
-// Bytes of shared memory of the forward kernel: the FMA path (m_tile 0) keeps W_hh's slice [G][HB][H]; the WMMA
+// Bytes of shared memory of the forward kernel: the FMA path (m_tile 0) keeps W_hh's slice [G][HB][H]; the mma
 // path mma_smem_bytes for M = m_tile, N = G*HB, K = H, then the prefetch buffers.
 inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, int m_tile) {
   if (m_tile == 0) return elem * G * HB * H;
@@ -148,7 +156,7 @@ inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, int m
 }
 
 // The backward's: W_hh^T's slice [HB][G*H] on the FMA path (m_tile 0); mma_smem_bytes for M = m_tile, N = HB,
-// K = G*H on WMMA.
+// K = G*H on tensor cores.
 inline size_t backward_smem_bytes(size_t elem, int G, int H, int HB, int m_tile) {
   if (m_tile == 0) return elem * G * HB * H;
   return mma_smem_bytes(elem, m_tile, HB, G * H);
@@ -174,41 +182,33 @@ __host__ __device__ inline size_t mma_product_offset(size_t elem, int m_tile, in
   return elem * static_cast<size_t>(n_pad + m_tile) * k_ld;
 }
 
-// acc += one 8-deep chunk of a warp's 16 x 16 TF32 tile: a (row-major [16][k_ld]) times W (column-major
-// [16][k_ld]), float32 in shared memory, each fragment rounded to TF32 (passes 1), or split into a TF32 high part and
-// a TF32 remainder, adding the three largest products (passes 3, 3xTF32).
-template <typename acc_frag_t>
-__device__ __forceinline__ void tf32_chunk(acc_frag_t& acc, const float* a, const float* w, int k_ld, int passes) {
-  namespace wmma = rf::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
-  wmma::load_matrix_sync(fa, a, k_ld);
-  wmma::load_matrix_sync(fb, w, k_ld);
+// d += a b for one 16 x 8 x 8 TF32 chunk from float32 operands in the PTX fragment layout (mma_m16n8k8_tf32):
+// each rounded to TF32 (passes 1), or split into a TF32 high part and a TF32 remainder, adding the three largest
+// products (passes 3, 3xTF32).
+__device__ __forceinline__ void tf32_mma(float (&d)[4], const float (&av)[4], const float (&bv)[2], int passes) {
+  uint32_t a[4], b[2];
   if (passes == 3) {
-    decltype(fa) fa_lo;
-    decltype(fb) fb_lo;
+    uint32_t a_lo[4], b_lo[2];
 #pragma unroll
-    for (int i = 0; i < fa.num_elements; ++i) {
-      const float hi = wmma::__float_to_tf32(fa.x[i]);
-      fa_lo.x[i] = wmma::__float_to_tf32(fa.x[i] - hi);
-      fa.x[i] = hi;
+    for (int i = 0; i < 4; ++i) {
+      a[i] = rf::to_tf32(av[i]);
+      a_lo[i] = rf::to_tf32(av[i] - rf::bits_to_float(a[i]));
     }
 #pragma unroll
-    for (int i = 0; i < fb.num_elements; ++i) {
-      const float hi = wmma::__float_to_tf32(fb.x[i]);
-      fb_lo.x[i] = wmma::__float_to_tf32(fb.x[i] - hi);
-      fb.x[i] = hi;
+    for (int i = 0; i < 2; ++i) {
+      b[i] = rf::to_tf32(bv[i]);
+      b_lo[i] = rf::to_tf32(bv[i] - rf::bits_to_float(b[i]));
     }
     // The small products first, so that they are not lost against the large one.
-    wmma::mma_sync(acc, fa_lo, fb, acc);
-    wmma::mma_sync(acc, fa, fb_lo, acc);
+    rf::mma_m16n8k8_tf32(d, a_lo, b);
+    rf::mma_m16n8k8_tf32(d, a, b_lo);
   } else {
 #pragma unroll
-    for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+    for (int i = 0; i < 4; ++i) a[i] = rf::to_tf32(av[i]);
 #pragma unroll
-    for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+    for (int i = 0; i < 2; ++i) b[i] = rf::to_tf32(bv[i]);
   }
-  wmma::mma_sync(acc, fa, fb, acc);
+  rf::mma_m16n8k8_tf32(d, a, b);
 }
 
 // The block's recurrent product on tensor cores for one batch tile: prod[m][n] = sum_k a[m0 + m][k] W[n][k] for its
@@ -222,7 +222,6 @@ __device__ __forceinline__ void tf32_chunk(acc_frag_t& acc, const float* a, cons
 template <typename scalar_t, typename in_t>
 __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m0, int m_tile,
                                       int n_pad, int k_pad, int k_ld, int splits, int passes) {
-  namespace wmma = rf::wmma;
   using st_t = typename Mma<scalar_t>::st_t;
   constexpr int kK = Mma<scalar_t>::kK;
   const st_t* wt = reinterpret_cast<const st_t*>(smem);
@@ -286,17 +285,27 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
       }
     }
   } else {
-    // float32: WMMA 16x16x8 TF32 tiles.
-    for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
-      const int tile = work % tiles, split = work / tiles;
-      const int mt = tile / n_tiles, nt = tile % n_tiles;
-      wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c)
-        tf32_chunk(acc, at + static_cast<size_t>(mt) * 16 * k_ld + c * kK,
-                   wt + static_cast<size_t>(nt) * 16 * k_ld + c * kK, k_ld, passes);
-      wmma::store_matrix_sync(prod + (static_cast<size_t>(split) * m_tile + mt * 16) * n_pad + nt * 16, acc, n_pad,
-                              wmma::mem_row_major);
+    // float32: mma.sync m16n8k8 TF32 on 16 x 8 tiles, the fragments read from shared memory a word at a time:
+    // A(g, t), A(g+8, t), A(g, t+4), A(g+8, t+4) and B(t, g), B(t+4, g) of each 8-deep chunk, g = lane/4, t = lane%4.
+    const int lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int n_tiles8 = n_pad / 8, tiles8 = (m_tile / 16) * n_tiles8;
+    for (int work = threadIdx.x / 32; work < tiles8 * splits; work += blockDim.x / 32) {
+      const int tile = work % tiles8, split = work / tiles8;
+      const int mt = tile / n_tiles8, nt = tile % n_tiles8;
+      float acc[4] = {};
+      const float* a_p = at + static_cast<size_t>(mt * 16 + gr) * k_ld + tq;
+      const float* w_p = wt + static_cast<size_t>(nt * 8 + gr) * k_ld + tq;
+      for (int c = split * chunks / splits; c < (split + 1) * chunks / splits; ++c) {
+        const int k = c * kK;
+        const float av[4] = {a_p[k], a_p[8 * k_ld + k], a_p[k + 4], a_p[8 * k_ld + k + 4]};
+        const float bv[2] = {w_p[k], w_p[k + 4]};
+        tf32_mma(acc, av, bv, passes);
+      }
+      float* out = prod + (static_cast<size_t>(split) * m_tile + mt * 16 + gr) * n_pad + nt * 8 + 2 * tq;
+      out[0] = acc[0];
+      out[1] = acc[1];
+      out[8 * n_pad] = acc[2];
+      out[8 * n_pad + 1] = acc[3];
     }
   }
   rf::sync_block();
@@ -444,8 +453,8 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
   // W_hh slice, [G][HB][H]: row (g, jl) is W_hh row g*H + j0 + jl; rows past H are zero.
-  // WMMA path: see mma_recurrent_product. WMMA wants 32-byte aligned tiles: every region offset is a multiple of 32
-  // bytes.
+  // Tensor-core path: see mma_recurrent_product. ldmatrix and cp.async want 16-byte aligned rows: every region
+  // offset is a multiple of 32 bytes.
   unsigned char* smem_raw = rf::dynamic_smem();
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
 
@@ -464,7 +473,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   }
   if constexpr (kHasMma) {
     if (tc) {
-      // WMMA operand B, column-major [n_pad][k_ld]: column n = g*HB + jl is W_hh row g*H + j0 + jl, zero-padded.
+      // The mma's operand B, column-major [n_pad][k_ld]: column n = g*HB + jl is W_hh row g*H + j0 + jl, zero-padded.
       st_t* wt = reinterpret_cast<st_t*>(smem_raw);
       for (int idx = threadIdx.x; idx < p.n_pad * p.k_pad; idx += blockDim.x) {
         const int n = idx / p.k_pad, k = idx % p.k_pad, g = n / HB, jl = n % HB;
@@ -476,7 +485,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   rf::sync_block();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // WMMA path, hoisted mode only: the hoisted input part, [2][B][G][nj] fp32.
+  // Tensor-core path, hoisted mode only: the hoisted input part, [2][B][G][nj] fp32.
   float* prefetched = reinterpret_cast<float*>(smem_raw + prefetch_offset(sizeof(scalar_t), p.m_tile, G * HB, H));
   const bool hoisted = p.gx != nullptr;
   if constexpr (kHasMma) {
@@ -600,7 +609,7 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   constexpr int kUnits = 8;  // units one warp reduces together in phase B
-  // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero. WMMA path: the same slice
+  // W_hh^T slice, [HB][G*H]: row kl is column k0 + kl of W_hh; rows past H are zero. Tensor-core path: the same slice
   // as operand B of mma_recurrent_product, [n_pad][k_ld], zero-padded.
   unsigned char* smem_raw = rf::dynamic_smem();
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
@@ -803,10 +812,10 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
   if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
-  p.n_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.HB);
+  p.n_pad = mma_n_pad(sizeof(scalar_t), static_cast<int64_t>(gates_of(CELL)) * p.HB);
   p.k_pad = pad16(p.H);
-  p.k_ld = p.k_pad + 8;
-  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, Mma<scalar_t>::kK);
+  p.k_ld = mma_k_ld(sizeof(scalar_t), p.k_pad);
+  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, sizeof(scalar_t));
   const int64_t blocks = ceil_div(p.H, p.HB);
   const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem, stream,
@@ -844,10 +853,10 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
   if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
-  p.n_pad = pad16(p.HB);
+  p.n_pad = mma_n_pad(sizeof(scalar_t), p.HB);
   p.k_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.H);
-  p.k_ld = p.k_pad + 8;
-  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, Mma<scalar_t>::kK);
+  p.k_ld = mma_k_ld(sizeof(scalar_t), p.k_pad);
+  p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, sizeof(scalar_t));
   const int64_t blocks = ceil_div(p.H, p.HB);
   const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem,

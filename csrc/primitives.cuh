@@ -21,6 +21,9 @@
 //   rf::ldmatrix_x4(r, row)       ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8x8 16-bit matrices, one row
 //                                 address a lane (lanes 8i..8i+7: matrix i), into the mma fragment layout
 //   rf::mma_m16n8k16<T>(d, a, b)  mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, d += a b (T half_t or bf16_t)
+//   rf::mma_m16n8k8_tf32(d, a, b) mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32; rf::to_tf32(v) is
+//                                 cvt.rna.tf32.f32 (the TF32 bits of v, rounded to nearest, ties away),
+//                                 rf::bits_to_float its float
 //   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
 //                                 store_matrix_sync for 16x16x16 half/bf16 tiles and 16x16x8 TF32 tiles
 //                                 (precision::tf32, __float_to_tf32), with float accumulators
@@ -114,6 +117,18 @@ RF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+}
+RF_DEVICE uint32_t to_tf32(float v) {
+  uint32_t u;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(v));
+  return u;
+}
+RF_DEVICE float bits_to_float(uint32_t u) { return __uint_as_float(u); }
+RF_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 RF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }

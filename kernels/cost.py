@@ -86,7 +86,7 @@ def cuda_kernel_step(kind: str, cell: str, dtype: torch.dtype, B: int, H: int, b
     """Predicted µs of one step of the CUDA library's persistent kernels (csrc/layer.cuh): ``ceil(H / block_h)``
     blocks, one a multiprocessor, each with the whole batch; the A operand (``h_{t-1}``, or the step's gate
     gradients backward, in the layer dtype) read from L2 each step, in batch tiles of ``m_tile`` rows (0: one tile),
-    each tile's rows staged before its product (a dependent L2 round trip per tile); the product on WMMA (K split
+    each tile's rows staged before its product (a dependent L2 round trip per tile); the product on mma.sync (K split
     over 8 warps; float32 in TF32, ``passes`` 3 for 3xTF32) or FMA; one grid barrier. The same four parts as
     :func:`kernel_step`."""
     G = GATES[cell]
@@ -97,16 +97,18 @@ def cuda_kernel_step(kind: str, cell: str, dtype: torch.dtype, B: int, H: int, b
     if kind == "backward":
         in_bytes = B * block_h * (es * (backend.gate_planes(cell) + 1) + 8)  # saved gates, dy; dh, direct (fp32)
     program_bytes = B * K * es + in_bytes  # the exchange (h, or the gate gradients) is in the layer dtype
-    m_pad, n_pad, k_pad = (math.ceil(v / 16) * 16 for v in (B, N, K))
+    width = 8 if dtype == torch.float32 else 16  # TF32 mma tiles are 16 x 8, the 16-bit types' 16 x 16
+    m_pad, k_pad = (math.ceil(v / 16) * 16 for v in (B, K))
+    n_pad = math.ceil(N / width) * width
     m_tile = min(m_tile or m_pad, m_pad)
     batch_tiles = math.ceil(m_pad / m_tile) if tensor_cores else 1
     load = batch_tiles * L2_LATENCY_S + max(blocks * program_bytes / L2_BYTES_PER_S,
                                             program_bytes / SM_L2_BYTES_PER_S)
     if tensor_cores:
-        tiles = (m_tile // 16) * (n_pad // 16)
+        tiles = (m_tile // 16) * (n_pad // width)
         depth = 8 if dtype == torch.float32 else 16
         splits = min(1 if tiles >= 8 else 8 // tiles, k_pad // depth)
-        # Dependent WMMAs on the busiest warp, in k16 steps (a TF32 chunk is half as deep), per batch tile.
+        # Dependent mma.syncs on the busiest warp, in k16 steps (a TF32 chunk is half as deep), per batch tile.
         per_warp = math.ceil(tiles * splits / 8) * (k_pad // 16) / splits * passes
         flops = 2 * m_pad * n_pad * k_pad * passes
         mma = max(batch_tiles * per_warp * MMA_LATENCY_CYCLES / CLOCK_HZ, flops / MMA_FLOPS_PER_SM[dtype])

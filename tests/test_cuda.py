@@ -669,7 +669,7 @@ def test_build_report_prints_each_kernel_and_the_anchor_plans(gpu_library, monke
     assert build.main(["--report"]) == 0
     out = capsys.readouterr().out
     assert "HMMA" in out and out.strip().endswith(gpu_library)
-    for anchor in ("(a) lstm bfloat16 B=16 H=768: 128 blocks x 6 units, forward WMMA", "(b) lstm float32",
+    for anchor in ("(a) lstm bfloat16 B=16 H=768: 128 blocks x 6 units, forward mma.sync", "(b) lstm float32",
                    "(c) gru bfloat16 B=256 H=1024"):
         assert anchor in out
 

@@ -523,6 +523,24 @@ def test_ldmatrix_and_mma_m16n8k16_match_a_float64_product(lib, tmp_path, dtype)
     assert_fails(r, "ldmatrix", "not 16-byte aligned")
 
 
+def test_mma_m16n8k8_tf32_matches_a_float64_product(lib, tmp_path):
+    """The TF32 mma in its PTX register layout from float32 operands: rounded with to_tf32, the product is that of
+    the rounded operands (tf32_oracle); unconverted, the tensor core reads the operands truncated."""
+    g = torch.Generator().manual_seed(4)
+    k = 40
+    A, Bt, C = torch.randn(16, k, generator=g), torch.randn(8, k, generator=g), torch.randn(16, 8, generator=g)
+    bufs = [A.numpy().copy(), Bt.numpy().copy(), C.numpy().copy(), np.full(128, np.nan, np.float32)]
+    bound = (A.double().abs() @ Bt.double().abs().t() + C.double().abs()) * 2.0**-18
+    truncate = lambda t: torch.from_numpy((t.numpy().view(np.uint32) & 0xFFFFE000).view(np.float32))  # noqa: E731
+    for kind, rounding in ((2, tf32_oracle), (3, truncate)):
+        r = run(lib, tmp_path, "mma", bufs, [kind, k, k, k, 0])
+        assert r.rc == 0, r.error
+        D = torch.from_numpy(r.bufs[3]).view(16, 8).double()
+        ref = rounding(A).double() @ rounding(Bt).double().t() + C.double()
+        assert ((D - ref).abs() <= bound).all(), f"kind {kind}: max error {(D - ref).abs().max():.3g}"
+        assert ((D - (A.double() @ Bt.double().t() + C.double())).abs() > bound).any()  # not float32's product
+
+
 def test_wmma_refuses_a_misaligned_tile(lib, tmp_path):
     bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, a_offset=8)  # 16 bytes off
     assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "load_matrix_sync", "32-byte", "block 0 thread ")

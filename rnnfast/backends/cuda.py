@@ -12,7 +12,7 @@ multiprocessor), or refuses the layer when the slice does not fit; the library c
 and refuses with the reason. Allocation, the GEMMs, validation and dispatch stay here, in Python.
 
 float16/bfloat16/float32 layers run the recurrent products of the forward (``h_{t-1} W_hh^T``) and of the backward
-(``d_hid W_hh``) on tensor cores (WMMA, K split over the warps, the batch in tiles of up to ``m_tile`` rows so that
+(``d_hid W_hh``) on tensor cores (mma.sync, K split over the warps, the batch in tiles of up to ``m_tile`` rows so that
 the operands fit shared memory; :data:`TENSOR_CORES`): float32 in TF32 under ``torch.backends.cudnn.allow_tf32``,
 the switch torch.nn's RNNs obey (on by default), else in 3xTF32, about float32's accuracy. float64, and whatever does
 not fit, is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
@@ -41,7 +41,7 @@ from . import (BackendUnavailableError, KernelBackend, LayerGrads, LayerOutputs,
                kernel_layer_problem, register)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The recurrent products run on tensor cores (WMMA) for these when their tiles fit shared memory; their A operand
+# The recurrent products run on tensor cores (mma.sync) for these when their tiles fit shared memory; their A operand
 # (h_{t-1}, or the step's gate gradients) is then rounded to the layer's dtype for the product, as cuDNN does. Set to
 # False to use the FMA path, which keeps it in fp32 like the reference.
 TENSOR_CORES = True
@@ -153,18 +153,19 @@ _WARPS = 8  # csrc/rnnfast.h: kThreads / 32
 
 
 def mma_smem_bytes(itemsize: int, M: int, N: int, K: int) -> int:
-    """csrc/layer.cuh, mma_smem_bytes: shared memory of a WMMA product of an M-row batch tile by K x N, its K split
-    across the warps (mma_splits; TF32 tiles are 8 deep, 16-bit ones 16). tests/test_cuda.py checks this against the
+    """csrc/layer.cuh, mma_smem_bytes: shared memory of the tensor-core product of an M-row batch tile by K x N, its
+    K split across the warps (mma_splits), rows padded by 16 bytes. tests/test_cuda.py checks this against the
     library's own."""
-    m, n, k = _pad16(M), _pad16(N), _pad16(K)
-    tiles = (m // 16) * (n // 16)
-    splits = min(1 if tiles >= _WARPS else _WARPS // tiles, k // (8 if itemsize == 4 else 16))
-    return itemsize * (n + m) * (k + 8) + 4 * m * n * splits
+    width = depth = 8 if itemsize == 4 else 16  # TF32 mma tiles are 16 x 8 x 8, the 16-bit types' 16 x 16 x 16
+    m, n, k = _pad16(M), -(-N // width) * width, _pad16(K)
+    tiles = (m // 16) * (n // width)
+    splits = min(1 if tiles >= _WARPS else _WARPS // tiles, k // depth)
+    return itemsize * (n + m) * (k + 16 // itemsize) + 4 * m * n * splits
 
 
 def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, itemsize: int = 2,
                            m_tile: int | None = None) -> int:
-    """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on the WMMA path, for batch tiles of ``m_tile`` rows
+    """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on tensor cores, for batch tiles of ``m_tile`` rows
     (default: the whole batch): the product's operands and partial sums, plus, forward, the two buffers of the
     prefetched input part, [2][B][G*block_h] fp32."""
     G = GATES[cell]
@@ -229,7 +230,7 @@ def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> t
     line, predicted = [f"{-(-H // block_h)} blocks x {block_h} units"], {}
     # As a layer under torch's defaults runs: float32 in TF32 (cudnn.allow_tf32 is on by default).
     passes = 0 if dtype not in MMA_DTYPES else 1
-    name = "TF32 WMMA" if dtype == torch.float32 else "WMMA"
+    name = "TF32 mma.sync" if dtype == torch.float32 else "mma.sync"
     for kind in ("forward", "backward"):
         m_tile = _tensor_core_rows(kind, cell, B, H, _ITEMSIZE[dtype], block_h, limit) if passes else 0
         if m_tile:
@@ -441,7 +442,8 @@ class CudaBackend(KernelBackend):
         counter = _barrier_counter(x.device)
         p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
                           lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
-                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), sync=_ptr(counter), T=T, B=B, I=I, H=H, block_h=block_h,
+                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), sync=_ptr(counter), T=T, B=B, I=I, H=H,
+                          block_h=block_h,
                           reverse=int(bool(a.reverse)), **_tensor_core_fields("forward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
@@ -470,7 +472,8 @@ class CudaBackend(KernelBackend):
         counter = _barrier_counter(dev)
         p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
                            hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
-                           direct=_ptr(direct), sync=_ptr(counter), T=T, B=B, H=H, block_h=block_h, reverse=int(bool(a.reverse)),
+                           direct=_ptr(direct), sync=_ptr(counter), T=T, B=B, H=H, block_h=block_h,
+                           reverse=int(bool(a.reverse)),
                            **_tensor_core_fields("backward", cell, B, H, x, block_h))
         fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
         with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():

@@ -230,6 +230,31 @@ __global__ void mma_kernel(MmaArgs p) {
   p.d[(gr + 8) * 8 + c2 + 1] = acc[3];
 }
 
+// The same product in TF32 from float32 operands, as the layer kernels do it: fragments read a word at a time
+// (A(g, t), A(g+8, t), A(g, t+4), A(g+8, t+4); B(t, g), B(t+4, g)), rounded with to_tf32 (convert 0: not),
+// mma_m16n8k8_tf32 per 8-deep chunk.
+__global__ void mma_tf32_kernel(MmaArgs p, bool convert) {
+  const float* A = static_cast<const float*>(p.a);
+  const float* Bt = static_cast<const float*>(p.bt);
+  const int lane = threadIdx.x % 32, gr = lane / 4, t = lane % 4, c2 = 2 * t;
+  float acc[4] = {p.c[gr * 8 + c2], p.c[gr * 8 + c2 + 1], p.c[(gr + 8) * 8 + c2], p.c[(gr + 8) * 8 + c2 + 1]};
+  auto op = [&](float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    return convert ? rf::to_tf32(v) : u;
+  };
+  for (int k = 0; k < p.k; k += 8) {
+    const uint32_t a[4] = {op(A[gr * p.lda + k + t]), op(A[(gr + 8) * p.lda + k + t]), op(A[gr * p.lda + k + t + 4]),
+                           op(A[(gr + 8) * p.lda + k + t + 4])};
+    const uint32_t b[2] = {op(Bt[gr * p.ldb + k + t]), op(Bt[gr * p.ldb + k + t + 4])};
+    rf::mma_m16n8k8_tf32(acc, a, b);
+  }
+  p.d[gr * 8 + c2] = acc[0];
+  p.d[gr * 8 + c2 + 1] = acc[1];
+  p.d[(gr + 8) * 8 + c2] = acc[2];
+  p.d[(gr + 8) * 8 + c2 + 1] = acc[3];
+}
+
 void* aligned_copy(const void* src, size_t bytes) {
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   std::memcpy(p, src, bytes);
@@ -507,15 +532,17 @@ EMU_EXPORT int emu_tf32(void* const* bufs, const long long* ints, char*, int) {
   return 0;
 }
 
-// bufs: a (16 x lda), bt (8 x ldb) 16-bit; c, d (16 x 8 float32); ints: dtype (0 half, 1 bf16), k, lda, ldb, offset.
+// bufs: a (16 x lda), bt (8 x ldb) 16-bit (float32 for TF32); c, d (16 x 8 float32); ints: dtype (0 half, 1 bf16,
+// 2 tf32, 3 tf32 unconverted), k, lda, ldb, offset.
 EMU_EXPORT int emu_mma(void* const* bufs, const long long* ints, char* err, int err_len) {
   const MmaArgs p{bufs[0], bufs[1], static_cast<const float*>(bufs[2]), static_cast<float*>(bufs[3]),
                   static_cast<int>(ints[1]), static_cast<int>(ints[2]), static_cast<int>(ints[3]),
                   static_cast<int>(ints[4])};
   const size_t smem = 2 * (16 * static_cast<size_t>(p.lda) + 16 + 8 * static_cast<size_t>(p.ldb));
   std::string e;
-  const bool ok = ints[0] == 0 ? rf::launch(1, 32, smem, [&] { mma_kernel<rf::half_t>(p); }, &e)
-                               : rf::launch(1, 32, smem, [&] { mma_kernel<rf::bf16_t>(p); }, &e);
+  const bool ok = ints[0] == 0   ? rf::launch(1, 32, smem, [&] { mma_kernel<rf::half_t>(p); }, &e)
+                  : ints[0] == 1 ? rf::launch(1, 32, smem, [&] { mma_kernel<rf::bf16_t>(p); }, &e)
+                                 : rf::launch(1, 32, 0, [&] { mma_tf32_kernel(p, ints[0] == 2); }, &e);
   return report(ok, e, err, err_len);
 }
 
