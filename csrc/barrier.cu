@@ -14,7 +14,7 @@ struct BarrierArgs {
 __global__ void __launch_bounds__(kThreads) grid_barrier_kernel(const BarrierArgs p) {
   for (int i = 0; i < p.iters; ++i) {
     step_arrive(p.sync);
-    step_wait(p.sync, i + 1);
+    step_wait(p.sync, i + 1, static_cast<int>(gridDim.x));
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.passed = p.iters;
 }

@@ -58,8 +58,10 @@ typedef struct {
   int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
   int64_t m_tile;       /* batch rows per tensor-core product, a multiple of 16; 0: the whole batch */
   int32_t reverse;
-  int32_t tensor_cores; /* the recurrent product: 0 FMA; 1 tensor cores (WMMA in the dtype for f16/bf16, TF32 for
-                           f32); 3 3xTF32 (f32 only: about fp32's accuracy on tensor cores) */
+  int32_t tensor_cores; /* the recurrent product: 0 FMA; 1 tensor cores (mma.sync in the dtype for f16/bf16, TF32
+                           for f32); 3 3xTF32 (f32 only: about fp32's accuracy on tensor cores) */
+  int32_t directions;   /* read from the first struct: 1, or 2 when the pointer is to an array of two, the two
+                           directions of a bidirectional layer (same sizes), run in one launch on twice the blocks */
 } rnnfast_forward_params;
 
 typedef struct {
@@ -80,6 +82,7 @@ typedef struct {
   int64_t m_tile;       /* as the forward's */
   int32_t reverse;
   int32_t tensor_cores; /* as the forward's, for the recurrent product d_hid W_hh */
+  int32_t directions;   /* as the forward's */
 } rnnfast_backward_params;
 
 RNNFAST_API int rnnfast_abi_version(void);

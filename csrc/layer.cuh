@@ -87,6 +87,14 @@ struct BackwardArgs {
   int passes, m_tile, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
 };
 
+// The arguments of one launch: `dirs` independent recurrences of the same shape (a bidirectional layer's two
+// directions), blocks [d * blocks, (d + 1) * blocks) running dir[d] with its own buffers and barrier counter.
+template <typename Args>
+struct Directions {
+  Args dir[2];
+  int blocks;  // per direction
+};
+
 template <typename T>
 __device__ __forceinline__ T sigmoid_(T v) { return T(1) / (T(1) + exp_(-v)); }
 
@@ -163,14 +171,15 @@ inline size_t backward_smem_bytes(size_t elem, int G, int H, int HB, int m_tile)
 }
 
 // The barrier between steps, in two halves: a block arrives once its stores that the other blocks read are done,
-// and waits before it reads theirs; between the two it may do work of its own. With a counter (sync), every block
-// adds one per step (rf::grid_arrive) and the wait of the n-th barrier is for n * gridDim.x; without one, the
-// cooperative grid barrier, all of it in the wait.
+// and waits before it reads theirs; between the two it may do work of its own. With a counter (sync), each of the
+// direction's `blocks` blocks adds one per step (rf::grid_arrive) and the wait of the n-th barrier is for
+// n * blocks; without one, the cooperative grid barrier, all of it in the wait (every direction of the launch takes
+// the same number of them).
 __device__ __forceinline__ void step_arrive(unsigned* sync) {
   if (sync != nullptr) rf::grid_arrive(sync);
 }
-__device__ __forceinline__ void step_wait(const unsigned* sync, int n) {
-  if (sync != nullptr) rf::grid_wait(sync, static_cast<unsigned>(n) * gridDim.x);
+__device__ __forceinline__ void step_wait(const unsigned* sync, int n, int blocks) {
+  if (sync != nullptr) rf::grid_wait(sync, static_cast<unsigned>(n) * static_cast<unsigned>(blocks));
   else rf::sync_grid();
 }
 
@@ -448,7 +457,9 @@ __device__ __forceinline__ void prefetch_input(const acc_t* gx, float* buf, int 
 // One block per multiprocessor is all the plan launches, so the compiler may use up to 255 registers a thread.
 template <typename scalar_t, typename acc_t, int CELL>
 __global__ void __launch_bounds__(kThreads, 1)
-layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
+layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
+  const int blk = blockIdx.x % launch.blocks;  // within its direction
+  const ForwardArgs<scalar_t, acc_t>& p = launch.dir[blockIdx.x / launch.blocks];
   constexpr int G = gates_of(CELL);
   // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
@@ -459,7 +470,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
 
   const int T = p.T, B = p.B, I = p.I, H = p.H, HB = p.HB;
-  const int j0 = blockIdx.x * HB;
+  const int j0 = blk * HB;
   const int nj = rf::imin(HB, H - j0);
   const int64_t BH = static_cast<int64_t>(B) * H;
   using st_t = typename Mma<scalar_t>::st_t;
@@ -498,7 +509,7 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
     const bool last = s == T - 1;
     // Every unit of h_{t-1} is written (the barrier's first half ended the step before).
-    if (s > 0) step_wait(p.sync, s);
+    if (s > 0) step_wait(p.sync, s, launch.blocks);
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
     const scalar_t* h_in = p.hs + t * BH;
     // This step's input part landed (this thread's copies; everyone's after the first product's block barriers).
@@ -605,7 +616,9 @@ layer_forward_kernel(const ForwardArgs<scalar_t, acc_t> p) {
 // separates them.
 template <typename scalar_t, typename acc_t, int CELL>
 __global__ void __launch_bounds__(kThreads, 1)
-layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
+layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> launch) {
+  const int blk = blockIdx.x % launch.blocks;  // within its direction
+  const BackwardArgs<scalar_t, acc_t>& p = launch.dir[blockIdx.x / launch.blocks];
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   constexpr int kUnits = 8;  // units one warp reduces together in phase B
@@ -615,7 +628,7 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem_raw);
 
   const int T = p.T, B = p.B, H = p.H, HB = p.HB;
-  const int k0 = blockIdx.x * HB;
+  const int k0 = blk * HB;
   const int nk = rf::imin(HB, H - k0);
   const int GH = G * H;
   const int64_t BH = static_cast<int64_t>(B) * H;
@@ -687,7 +700,7 @@ layer_backward_recurrent_kernel(const BackwardArgs<scalar_t, acc_t> p) {
     }
     // Phase B reads every unit's gate gradients of this step.
     step_arrive(p.sync);
-    step_wait(p.sync, s + 1);
+    step_wait(p.sync, s + 1, launch.blocks);
 
     // Phase B: dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
     if constexpr (kHasMma) {
@@ -749,6 +762,10 @@ inline int invalid(const char* what, const std::string& why) {
   last_error() = std::string(what) + ": " + why;
   return RNNFAST_INVALID;
 }
+inline bool refuse(const char* what, const std::string& why) {
+  invalid(what, why);
+  return false;
+}
 
 // The tensor-core fields of both kernels' arguments from the C parameters: passes (0 FMA, 1, or 3 for 3xTF32) and
 // the batch tile (m_tile 0: the whole batch, padded to 16). False, with the reason set, for a mode the dtype has not.
@@ -775,21 +792,17 @@ bool set_tensor_cores(int32_t mode, int64_t m_tile, int B, const char* what, int
   return true;
 }
 
-// One forward launch from the C parameters: ForwardArgs filled here, in one place.
+// ForwardArgs from one direction's C parameters, filled here, in one place; false (the reason set) for bad ones.
 template <typename scalar_t, int CELL>
-int launch_forward(const rnnfast_forward_params* a, void* stream, const char* what) {
+bool fill_forward(const rnnfast_forward_params* a, const char* what, ForwardArgs<scalar_t, rf::acc_t<scalar_t>>* out) {
   using acc_t = rf::acc_t<scalar_t>;
-  if (a == nullptr) return invalid(what, "null parameters");
-  if (a->T < 0 || a->B < 0 || a->H < 0 || a->I < 0 || a->block_h < 1)
-    return invalid(what, "sizes must be non-negative and block_h at least 1");
-  if (a->B == 0 || a->H == 0 || a->T == 0) return RNNFAST_OK;
   if (a->w_hh == nullptr || a->y == nullptr || a->h_n == nullptr || a->gates == nullptr || a->hs == nullptr ||
       a->hc == nullptr ||
       (a->gx == nullptr && (a->x == nullptr || a->w_ih == nullptr)) ||
       (CELL == kLstm && (a->cs == nullptr || a->c_n == nullptr)))
-    return invalid(what, "a required buffer is null");
-  if (a->gx != nullptr && a->bias != nullptr) return invalid(what, "the bias goes into gx in hoisted mode");
-  ForwardArgs<scalar_t, acc_t> p;
+    return refuse(what, "a required buffer is null");
+  if (a->gx != nullptr && a->bias != nullptr) return refuse(what, "the bias goes into gx in hoisted mode");
+  ForwardArgs<scalar_t, acc_t>& p = *out;
   p.x = static_cast<const scalar_t*>(a->x);
   p.gx = static_cast<const acc_t*>(a->gx);
   p.w_ih = static_cast<const scalar_t*>(a->w_ih);
@@ -811,30 +824,24 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   p.H = static_cast<int>(a->H);
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
-  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
+  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return false;
   p.n_pad = mma_n_pad(sizeof(scalar_t), static_cast<int64_t>(gates_of(CELL)) * p.HB);
   p.k_pad = pad16(p.H);
   p.k_ld = mma_k_ld(sizeof(scalar_t), p.k_pad);
   p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, sizeof(scalar_t));
-  const int64_t blocks = ceil_div(p.H, p.HB);
-  const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.passes ? p.m_tile : 0);
-  return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem, stream,
-                                what, &last_error());
+  return true;
 }
 
-// One backward-recurrence launch from the C parameters.
+// BackwardArgs from one direction's C parameters.
 template <typename scalar_t, int CELL>
-int launch_backward(const rnnfast_backward_params* a, void* stream, const char* what) {
+bool fill_backward(const rnnfast_backward_params* a, const char* what,
+                   BackwardArgs<scalar_t, rf::acc_t<scalar_t>>* out) {
   using acc_t = rf::acc_t<scalar_t>;
-  if (a == nullptr) return invalid(what, "null parameters");
-  if (a->T < 0 || a->B < 0 || a->H < 0 || a->block_h < 1)
-    return invalid(what, "sizes must be non-negative and block_h at least 1");
-  if (a->B == 0 || a->H == 0 || a->T == 0) return RNNFAST_OK;
   if (a->grad_y == nullptr || a->w_hh == nullptr || a->gates == nullptr || a->hs == nullptr ||
       a->d_in == nullptr || a->d_hid == nullptr || a->dh == nullptr || a->direct == nullptr ||
       (CELL == kLstm && (a->cs == nullptr || a->dc == nullptr)))
-    return invalid(what, "a required buffer is null");
-  BackwardArgs<scalar_t, acc_t> p;
+    return refuse(what, "a required buffer is null");
+  BackwardArgs<scalar_t, acc_t>& p = *out;
   p.grad_y = static_cast<const scalar_t*>(a->grad_y);
   p.w_hh = static_cast<const scalar_t*>(a->w_hh);
   p.lengths = a->lengths;
@@ -852,15 +859,68 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   p.H = static_cast<int>(a->H);
   p.HB = static_cast<int>(a->block_h);
   p.reverse = a->reverse != 0;
-  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return RNNFAST_INVALID;
+  if (!set_tensor_cores<scalar_t>(a->tensor_cores, a->m_tile, p.B, what, &p.passes, &p.m_tile)) return false;
   p.n_pad = mma_n_pad(sizeof(scalar_t), p.HB);
   p.k_pad = pad16(static_cast<int64_t>(gates_of(CELL)) * p.H);
   p.k_ld = mma_k_ld(sizeof(scalar_t), p.k_pad);
   p.splits = mma_splits(p.m_tile, p.n_pad, p.k_pad, sizeof(scalar_t));
-  const int64_t blocks = ceil_div(p.H, p.HB);
+  return true;
+}
+
+// The checks common to both kernels' C parameters: a[0]'s directions (1, or 2: a[0] and a[1] in one launch) and
+// sizes, the same in every direction. Sets *empty for a launch with nothing to do. False, the reason set, when bad.
+template <typename Params>
+bool check_directions(const Params* a, const char* what, bool* empty) {
+  if (a == nullptr) return refuse(what, "null parameters");
+  if (a->directions != 1 && a->directions != 2)
+    return refuse(what, "directions must be 1 or 2, got " + std::to_string(a->directions));
+  for (int d = 0; d < a->directions; ++d) {
+    const Params& q = a[d];
+    if (q.T < 0 || q.B < 0 || q.H < 0 || q.block_h < 1)
+      return refuse(what, "sizes must be non-negative and block_h at least 1");
+    if (q.T != a->T || q.B != a->B || q.H != a->H || q.block_h != a->block_h || q.m_tile != a->m_tile ||
+        q.tensor_cores != a->tensor_cores)
+      return refuse(what, "both directions of one launch need the same sizes, block_h, m_tile and tensor_cores");
+  }
+  *empty = a->B == 0 || a->H == 0 || a->T == 0;
+  return true;
+}
+
+// One forward launch from the C parameters: one block per block_h units of each direction.
+template <typename scalar_t, int CELL>
+int launch_forward(const rnnfast_forward_params* a, void* stream, const char* what) {
+  using acc_t = rf::acc_t<scalar_t>;
+  bool empty = false;
+  if (!check_directions(a, what, &empty)) return RNNFAST_INVALID;
+  if (a->I < 0 || (a->directions == 2 && a[1].I != a->I)) return invalid(what, "bad input size");
+  if (empty) return RNNFAST_OK;
+  Directions<ForwardArgs<scalar_t, acc_t>> launch{};
+  for (int d = 0; d < a->directions; ++d)
+    if (!fill_forward<scalar_t, CELL>(a + d, what, &launch.dir[d])) return RNNFAST_INVALID;
+  const ForwardArgs<scalar_t, acc_t>& p = launch.dir[0];
+  launch.blocks = static_cast<int>(ceil_div(p.H, p.HB));
+  const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.passes ? p.m_tile : 0);
+  return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, launch,
+                                static_cast<int64_t>(launch.blocks) * a->directions, kThreads, smem, stream, what,
+                                &last_error());
+}
+
+// One backward-recurrence launch from the C parameters.
+template <typename scalar_t, int CELL>
+int launch_backward(const rnnfast_backward_params* a, void* stream, const char* what) {
+  using acc_t = rf::acc_t<scalar_t>;
+  bool empty = false;
+  if (!check_directions(a, what, &empty)) return RNNFAST_INVALID;
+  if (empty) return RNNFAST_OK;
+  Directions<BackwardArgs<scalar_t, acc_t>> launch{};
+  for (int d = 0; d < a->directions; ++d)
+    if (!fill_backward<scalar_t, CELL>(a + d, what, &launch.dir[d])) return RNNFAST_INVALID;
+  const BackwardArgs<scalar_t, acc_t>& p = launch.dir[0];
+  launch.blocks = static_cast<int>(ceil_div(p.H, p.HB));
   const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.H, p.HB, p.passes ? p.m_tile : 0);
-  return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, p, blocks, kThreads, smem,
-                                stream, what, &last_error());
+  return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, launch,
+                                static_cast<int64_t>(launch.blocks) * a->directions, kThreads, smem, stream, what,
+                                &last_error());
 }
 
 }  // namespace rnnfast_cuda

@@ -285,11 +285,12 @@ class _RNNBase(torch.nn.Module):
                 # Both directions in one launch (eager only: under torch.compile each direction is one op node).
                 ws = [[_cast(getattr(self, n), amp) for n in self._all_weights[2 * layer + d]] for d in range(2)]
                 ws = [tuple(w[:4]) if self.bias else (w[0], w[1], None, None) for w in ws]
-                from .backends import triton as triton_backend
+                from .backends.bidirectional import bidirectional_layer
 
-                y, h, c = triton_backend.bidirectional_layer(
-                    cell, layer_input, h0[2 * layer:2 * layer + 2], None if c0 is None else c0[2 * layer:2 * layer + 2],
-                    ws[0], ws[1], lengths, fused=backends.split_name(backend)[1] == "fused")
+                kind, mode = backends.split_name(backend)
+                y, h, c = bidirectional_layer(
+                    kind, cell, layer_input, h0[2 * layer:2 * layer + 2],
+                    None if c0 is None else c0[2 * layer:2 * layer + 2], ws[0], ws[1], lengths, fused=mode == "fused")
                 h_n += [h[0], h[1]]
                 if is_lstm:
                     c_n += [c[0], c[1]]
@@ -329,11 +330,20 @@ class _RNNBase(torch.nn.Module):
         return self._padded_result(output, h_n, c_n, is_batched)
 
     def _one_launch(self, backend: str, cell: str, x: Tensor, lengths: Tensor | None) -> bool:
-        """A bidirectional layer whose directions run on the Triton kernels, in eager mode: one launch for both."""
-        if backends.split_name(backend)[0] != "triton" or self.proj_size or torch.compiler.is_compiling():
+        """A bidirectional layer whose directions run on the Triton or the CUDA kernels, in eager mode: one launch
+        for both (CUDA: when the layer's W_hh fits on half the multiprocessors, each direction taking half)."""
+        kind = backends.split_name(backend)[0]
+        if kind not in ("triton", "cuda") or self.proj_size or torch.compiler.is_compiling():
             return False
-        spec = ops.layer_spec(cell, x, getattr(self, self._all_weights[0][1]), None, None, lengths)
-        return backends.why_unavailable(backend, spec) is None
+        w_hh = getattr(self, self._all_weights[0][1])
+        spec = ops.layer_spec(cell, x, w_hh, None, None, lengths)
+        if backends.why_unavailable(backend, spec) is not None:
+            return False
+        if kind == "cuda":
+            from .backends import cuda
+
+            return cuda.plan(cell, self.hidden_size, x.dtype, x.device, dirs=2)[1] is None
+        return True
 
     def _choose(self, x: Tensor, h0: Tensor, c0: Tensor | None, amp: torch.dtype | None, T: int, B: int,
                 has_lengths: bool, weights: list[Tensor]) -> str:

@@ -336,6 +336,124 @@ def test_both_step_barriers(library, cell, dtype, flag, monkeypatch, poisoned_cu
             assert_within_baseline(o, r, b, msg=f"{cell} {name}")
 
 
+# -- both directions of a bidirectional layer in one launch --------------------------------------------------------
+
+def _launches(monkeypatch):
+    """The library launches made from here on, by what each was (``"lstm forward"``), and how many directions."""
+    calls = []
+    real = rc._check
+
+    def check(code, what):
+        calls.append(what)
+        return real(code, what)
+
+    monkeypatch.setattr(rc, "_check", check)
+    return calls
+
+
+@pytest.mark.parametrize("cell,dtype,mode", [("lstm", torch.float64, "hoisted"), ("gru", torch.float32, "fused"),
+                                             ("rnn_tanh", torch.float64, "fused"), ("rnn_relu", torch.float32,
+                                                                                    "hoisted")],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_both_directions_in_one_launch_match_the_reference(library, cell, dtype, mode, monkeypatch, poisoned_cuda):
+    """forward_directions / backward_directions with two directions (the second reversed), unequal lengths, blocks
+    of several units (each direction on half the multiprocessors): one launch each way, every output and gradient of
+    each direction against the float64 reference."""
+    T, B, I, H = 5, 3, 4, 150
+    g = torch.Generator().manual_seed(zlib.crc32(f"bi-{cell}-{dtype}-{mode}".encode()))
+    dirs = [make_layer_inputs(cell, T, B, I, H, dtype=dtype, lengths=[5, 0, 3], generator=g,
+                              scale=0.5 / math.sqrt(H)) for _ in range(2)]
+    x, lengths = dirs[0]["x"], dirs[0]["lengths"]
+    for a in dirs:
+        a["x"], a["lengths"] = x, lengths
+    stack = lambda k: torch.stack([a[k] for a in dirs]) if k in dirs[0] else None  # noqa: E731
+    assert rc.plan(cell, H, dtype, DEVICE, dirs=2)[0] > rc.plan(cell, H, dtype, DEVICE)[0]  # half the blocks each
+    calls = _launches(monkeypatch)
+    y, h_n, c_n, ws = rc.forward_directions(cell, x, stack("h0"), stack("c0"), [a["w_ih"] for a in dirs],
+                                            [a["w_hh"] for a in dirs], [a["b_ih"] for a in dirs],
+                                            [a["b_hh"] for a in dirs], lengths, False, fused=mode == "fused")
+    assert y.shape == (T, B, 2 * H) and calls == [f"{cell} forward"]
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    gh = torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(dtype)
+    gc = torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(dtype) if cell == "lstm" else None
+    dx, dh0, dc0, weights = rc.backward_directions(cell, gy, gh, gc, x, [a["w_ih"] for a in dirs],
+                                                   [a["w_hh"] for a in dirs], True, lengths, False, ws)
+    assert calls == [f"{cell} forward", f"{cell} backward"]
+    dx_ref = torch.zeros(x.shape, dtype=torch.float64)
+    for d, a in enumerate(dirs):
+        cols = slice(d * H, (d + 1) * H)
+        (ry, rh, rc_), rg = reference_layer(cell, a, d == 1, (gy[:, :, cols], gh[d], None if gc is None else gc[d]))
+        assert_close(y[:, :, cols], ry, msg=f"y of direction {d}")
+        assert_close(h_n[d], rh, msg=f"h_n of direction {d}")
+        if cell == "lstm":
+            assert_close(c_n[d], rc_, msg=f"c_n of direction {d}")
+            assert_close(dc0[d], rg[2], msg=f"dc0 of direction {d}")
+        assert_close(dh0[d], rg[1], msg=f"dh0 of direction {d}")
+        for name, got, want in zip(("w_ih", "w_hh", "b_ih", "b_hh"), weights[d], rg[3:]):
+            assert_close(got, want, msg=f"gradient of {name} of direction {d}")
+        dx_ref += rg[0].double()
+    assert_close(dx, dx_ref)
+
+
+def test_library_refuses_directions_of_different_shapes(library):
+    """Two directions of one launch must agree; a third is refused."""
+    def params(**kw):
+        base = dict(T=2, B=1, I=1, H=4, block_h=1, directions=2)
+        return rc.ForwardParams(**{**base, **kw})
+    for second, needle in ((dict(H=5), "same sizes"), (dict(block_h=2), "same sizes")):
+        pair = (rc.ForwardParams * 2)(params(), params(**second))
+        assert library.rnnfast_lstm_forward_f64(pair, None) == 1
+        assert needle in library.rnnfast_last_error().decode()
+    assert library.rnnfast_lstm_forward_f64((rc.ForwardParams * 1)(params(directions=3)), None) == 1
+    assert "directions must be 1 or 2" in library.rnnfast_last_error().decode()
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_bidirectional_modules_run_both_directions_of_a_layer_in_one_launch(library, cls, monkeypatch):
+    calls = _launches(monkeypatch)
+    torch.manual_seed(0)
+    ours = getattr(rnnfast.nn, cls)(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, device=DEVICE,
+                                    backend="cuda")
+    theirs = getattr(torch.nn, cls)(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, device=DEVICE)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, _ = ours(x)
+    out.sum().backward()
+    want, _ = theirs(x2)
+    want.sum().backward()
+    cell = cls.lower()
+    assert calls == [f"{cell} forward"] * 2 + [f"{cell} backward"] * 2, "per layer: one launch each way"
+    assert_close(out, want)
+    assert_close(x.grad, x2.grad)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bidirectional_layer_gradcheck_and_gradgradcheck_float64(library, cell):
+    from rnnfast.backends.bidirectional import bidirectional_layer
+
+    g = torch.Generator().manual_seed(3)
+    dirs = [make_layer_inputs(cell, 3, 2, 2, 3, generator=g) for _ in range(2)]
+    x = dirs[0]["x"].to(DEVICE).requires_grad_()
+    h0 = torch.stack([a["h0"] for a in dirs]).to(DEVICE).requires_grad_()
+    c0 = torch.stack([a["c0"] for a in dirs]).to(DEVICE).requires_grad_() if cell == "lstm" else None
+    ws = [tuple(a[k].to(DEVICE).requires_grad_() for k in ("w_ih", "w_hh", "b_ih", "b_hh")) for a in dirs]
+    lengths = torch.tensor([3, 1])
+    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(ws[0]) + list(ws[1])
+
+    def f(*t):
+        x_, h0_ = t[0], t[1]
+        c0_ = t[2] if cell == "lstm" else None
+        w = t[3:] if cell == "lstm" else t[2:]
+        y, h, c = bidirectional_layer("cuda", cell, x_, h0_, c0_, w[:4], w[4:], lengths, fused=False)
+        return (y, h) + ((c,) if c is not None else ())
+
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True)
+
+
 @pytest.mark.parametrize("cell,dtype,H", [("gru", torch.float32, 1100), ("lstm", torch.float64, 600),
                                           ("rnn_tanh", torch.float32, 2000)], ids=lambda v: str(v))
 def test_blocks_with_several_unit_chunks(library, cell, dtype, H, monkeypatch, poisoned_cuda):

@@ -71,7 +71,7 @@ class ForwardParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
                                                "c_n", "gates", "hs", "cs", "hc", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
-               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32)]
 
 
 class BackwardParams(ctypes.Structure):
@@ -80,7 +80,7 @@ class BackwardParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
                                                "dh", "dc", "direct", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h", "m_tile")] + \
-               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32)]
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -128,20 +128,23 @@ def _gpu_problem(index: int | None) -> str | None:
 _ITEMSIZE = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
-def plan(cell: str, H: int, dtype: torch.dtype, device: torch.device) -> tuple[int, str | None]:
+def plan(cell: str, H: int, dtype: torch.dtype, device: torch.device, dirs: int = 1) -> tuple[int, str | None]:
     """``(block_h, reason)``: hidden units per block so that there is at most one block per multiprocessor (all
-    co-resident for the grid barrier), and None, or the reason the ``W_hh`` slice does not fit shared memory."""
+    co-resident for the grid barrier) for ``dirs`` directions in one launch (each on its share of the
+    multiprocessors), and None, or the reason the ``W_hh`` slice does not fit shared memory."""
     sms, limit, _, _, gpu = _device_facts(device.index)
-    return _plan(cell, H, dtype, sms, limit, gpu)
+    return _plan(cell, H, dtype, sms, limit, gpu, dirs)
 
 
-def _plan(cell: str, H: int, dtype: torch.dtype, sms: int, limit: int, gpu: str) -> tuple[int, str | None]:
-    block_h = max(1, -(-H // sms))
+def _plan(cell: str, H: int, dtype: torch.dtype, sms: int, limit: int, gpu: str,
+          dirs: int = 1) -> tuple[int, str | None]:
+    blocks = sms // dirs
+    block_h = max(1, -(-H // blocks))
     need = GATES[cell] * block_h * H * _ITEMSIZE[dtype]
     if need > limit:
-        return block_h, (f"hidden size {H} is too large: each of the {sms} blocks, which must all be resident for "
-                         f"the grid barrier, would keep a W_hh slice of {need} bytes in shared memory, more than the "
-                         f"{limit} bytes {gpu} allows per block")
+        return block_h, (f"hidden size {H} is too large: each of the {blocks} blocks{' a direction' * (dirs > 1)}, "
+                         f"which must all be resident for the grid barrier, would keep a W_hh slice of {need} bytes "
+                         f"in shared memory, more than the {limit} bytes {gpu} allows per block")
     return block_h, None
 
 
@@ -319,8 +322,8 @@ def _require_device(x: torch.Tensor) -> None:
                                       f"{' under RNNFAST_CUDA_EMULATE' if EMULATED else ''}, got {x.device}")
 
 
-def _block_h(cell: str, H: int, x: torch.Tensor) -> int:
-    block_h, reason = plan(cell, H, x.dtype, x.device)
+def _block_h(cell: str, H: int, x: torch.Tensor, dirs: int = 1) -> int:
+    block_h, reason = plan(cell, H, x.dtype, x.device, dirs)
     if reason is not None:
         raise BackendUnavailableError(f"rnnfast backend 'cuda' cannot run this {cell} layer: {reason}")
     return block_h
@@ -412,75 +415,126 @@ class CudaBackend(KernelBackend):
 
     def forward(self, inputs):
         a = inputs
-        cell, x = a.cell, a.x
-        _require_device(x)
+        _require_device(a.x)
         if a.w_hr is not None:
             raise BackendUnavailableError("rnnfast backend 'cuda' does not run LSTM with proj_size")
-        lib = load_library()
-        T, B, I = x.shape
-        H = a.w_hh.shape[1]
-        dt, ct = x.dtype, compute_dtype(x.dtype)
-        x, w_ih, w_hh = x.contiguous(), a.w_ih.contiguous(), a.w_hh.contiguous()
-        bias, b_hn = fold_biases(cell, a.b_ih, a.b_hh, H, ct)
-        gx = None
-        if self.mode != "fused":
-            gx = hoisted_input(x, w_ih, bias, ct).contiguous()
-            bias = None
-        block_h = _block_h(cell, H, x)
-        y = torch.empty(T, B, H, dtype=dt, device=x.device)
-        h_n = torch.empty(B, H, dtype=dt, device=x.device)
-        c_n = torch.empty(B, H, dtype=dt, device=x.device) if cell == "lstm" else None
-        ws = torch.empty(workspace_bytes(cell, 1, T, B, H, dt), dtype=torch.uint8, device=x.device)
-        gates, hs, cs = (v[0] if v is not None else None for v in split_workspace(cell, ws, 1, T, B, H, dt))
-        zero_gaps(cell, ws, 1, T, B, H, dt)
-        t0 = T - 1 if a.reverse else 0
-        hs[t0].copy_(a.h0)
-        hc = a.h0.to(ct, copy=True).contiguous()  # each unit's own state, unrounded
-        if cs is not None:
-            cs[t0].copy_(a.c0)
-        lengths = _lengths(a.lengths, x)
-        counter = _barrier_counter(x.device)
-        p = ForwardParams(x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
-                          lengths=_ptr(lengths), y=_ptr(y), h_n=_ptr(h_n), c_n=_ptr(c_n), gates=_ptr(gates),
-                          hs=_ptr(hs), cs=_ptr(cs), hc=_ptr(hc), sync=_ptr(counter), T=T, B=B, I=I, H=H,
-                          block_h=block_h,
-                          reverse=int(bool(a.reverse)), **_tensor_core_fields("forward", cell, B, H, x, block_h))
-        fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
-        with torch.cuda.device(x.device) if not EMULATED else contextlib.nullcontext():
-            _check(fn(ctypes.byref(p), _stream(x.device)), f"{cell} forward")
-        return LayerOutputs(y, h_n, c_n, ws)
+        bias = None if a.b_ih is None else ([a.b_ih], [a.b_hh])
+        y, h_n, c_n, ws = forward_directions(a.cell, a.x, a.h0[None], None if a.c0 is None else a.c0[None], [a.w_ih],
+                                             [a.w_hh], *(bias or (None, None)), a.lengths, a.reverse,
+                                             fused=self.mode == "fused")
+        return LayerOutputs(y, h_n[0], c_n[0] if c_n is not None else None, ws)
 
     def backward(self, inputs, outputs, grads):
         a = inputs
-        cell, x = a.cell, a.x
-        _require_device(x)
-        lib = load_library()
-        T, B = x.shape[0], x.shape[1]
-        H = a.w_hh.shape[1]
-        dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
-        w_hh = a.w_hh.contiguous()
-        gates, hs, cs = (v[0] if v is not None else None
-                         for v in split_workspace(cell, outputs.workspace, 1, T, B, H, dt))
-        d_in = torch.empty(T, B, GATES[cell] * H, dtype=dt, device=dev)
-        d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
-        dh = grads.h_n.to(ct).contiguous().clone()
-        dc = grads.c_n.to(ct).contiguous().clone() if cell == "lstm" else None
-        direct = torch.empty(B, H, dtype=ct, device=dev)
-        grad_y = grads.y.to(dt).contiguous()
-        lengths = _lengths(a.lengths, x)
-        block_h = _block_h(cell, H, x)
+        _require_device(a.x)
+        dx, dh0, dc0, [(dw_ih, dw_hh, db_ih, db_hh)] = backward_directions(
+            a.cell, grads.y, grads.h_n[None], None if grads.c_n is None else grads.c_n[None], a.x, [a.w_ih],
+            [a.w_hh], a.b_ih is not None, a.lengths, a.reverse, outputs.workspace)
+        return LayerGrads(dx, dh0[0], dc0[0] if dc0 is not None else None, dw_ih, dw_hh, db_ih, db_hh, None)
+
+
+def _on(dev: torch.device):
+    return torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext()
+
+
+def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, reverse, *, fused: bool, plan=None):
+    """The forward of ``D = len(w_hhs)`` directions of a layer (D = 2: a bidirectional layer's, the second in
+    reverse) in one launch of the library, each on its share of the multiprocessors. ``h0, c0``: ``(D, B, H)``;
+    biases: lists or None. Returns ``(y (T, B, D*H), h_n, c_n (D, B, H) or None, workspace)``. ``plan`` is unused
+    (the Triton backend's signature)."""
+    del plan
+    _require_device(x)
+    lib = load_library()
+    D = len(w_hhs)
+    T, B, I = x.shape
+    H = w_hhs[0].shape[1]
+    dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
+    x = x.contiguous()
+    block_h = _block_h(cell, H, x, D)
+    ys = [torch.empty(T, B, H, dtype=dt, device=dev) for _ in range(D)]
+    h_n = torch.empty(D, B, H, dtype=dt, device=dev)
+    c_n = torch.empty(D, B, H, dtype=dt, device=dev) if cell == "lstm" else None
+    ws = torch.empty(workspace_bytes(cell, D, T, B, H, dt), dtype=torch.uint8, device=dev)
+    gates, hs, cs = split_workspace(cell, ws, D, T, B, H, dt)
+    zero_gaps(cell, ws, D, T, B, H, dt)
+    hc = h0.to(ct, copy=True).contiguous()  # each unit's own state, unrounded
+    lengths = _lengths(lengths, x)
+    fields = _tensor_core_fields("forward", cell, B, H, x, block_h)
+    keep, params = [], (ForwardParams * D)()
+    for d in range(D):
+        rev = bool(reverse) if D == 1 else d == 1
+        t0 = T - 1 if rev else 0
+        hs[d, t0].copy_(h0[d])
+        if cs is not None:
+            cs[d, t0].copy_(c0[d])
+        w_ih, w_hh = w_ihs[d].contiguous(), w_hhs[d].contiguous()
+        bias, b_hn = fold_biases(cell, b_ihs[d] if b_ihs is not None else None,
+                                 b_hhs[d] if b_hhs is not None else None, H, ct)
+        gx = None
+        if not fused:
+            gx = hoisted_input(x, w_ih, bias, ct).contiguous()
+            bias = None
         counter = _barrier_counter(dev)
-        p = BackwardParams(grad_y=_ptr(grad_y), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates),
-                           hs=_ptr(hs), cs=_ptr(cs), d_in=_ptr(d_in), d_hid=_ptr(d_hid), dh=_ptr(dh), dc=_ptr(dc),
-                           direct=_ptr(direct), sync=_ptr(counter), T=T, B=B, H=H, block_h=block_h,
-                           reverse=int(bool(a.reverse)),
-                           **_tensor_core_fields("backward", cell, B, H, x, block_h))
-        fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
-        with torch.cuda.device(dev) if not EMULATED else contextlib.nullcontext():
-            _check(fn(ctypes.byref(p), _stream(dev)), f"{cell} backward")
-        # dh is dh0 now: the kernel's last phase B passes the first step's gate gradients through W_hh too.
-        dx, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in, d_hid, x, a.w_ih, hs, a.b_ih is not None)
-        return LayerGrads(dx, dh.to(dt), (dc.to(dt) if dc is not None else None), dw_ih, dw_hh, db_ih, db_hh, None)
+        keep += [w_ih, w_hh, bias, b_hn, gx, counter]
+        params[d] = ForwardParams(
+            x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
+            lengths=_ptr(lengths), y=_ptr(ys[d]), h_n=_ptr(h_n[d]), c_n=_ptr(c_n[d] if c_n is not None else None),
+            gates=_ptr(gates[d]), hs=_ptr(hs[d]), cs=_ptr(cs[d] if cs is not None else None), hc=_ptr(hc[d]),
+            sync=_ptr(counter), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(rev), directions=D, **fields)
+    fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
+    with _on(dev):
+        _check(fn(params, _stream(dev)), f"{cell} forward")
+    del keep
+    return (ys[0] if D == 1 else torch.cat(ys, 2)), h_n, c_n, ws
+
+
+def backward_directions(cell, grad_y, grad_h_n, grad_c_n, x, w_ihs, w_hhs, has_bias, lengths, reverse, ws, *,
+                        plan=None):
+    """The backward of :func:`forward_directions`' ``D`` directions, their recurrences in one launch, then the
+    input, weight and bias gradients as GEMMs. ``grad_y (T, B, D*H)``, ``grad_h_n, grad_c_n (D, B, H)``. Returns
+    ``(dx, dh0, dc0 (D, B, H) or None, [(dw_ih, dw_hh, db_ih, db_hh)] per direction)``."""
+    del plan
+    _require_device(x)
+    lib = load_library()
+    D = len(w_hhs)
+    T, B = x.shape[0], x.shape[1]
+    H = w_hhs[0].shape[1]
+    G = GATES[cell]
+    dt, ct, dev = x.dtype, compute_dtype(x.dtype), x.device
+    gates, hs, cs = split_workspace(cell, ws, D, T, B, H, dt)
+    d_in = torch.empty(D, T, B, G * H, dtype=dt, device=dev)
+    d_hid = torch.empty_like(d_in) if cell == "gru" else d_in
+    dh = grad_h_n.to(ct).contiguous().clone()
+    dc = grad_c_n.to(ct).contiguous().clone() if cell == "lstm" else None
+    direct = torch.empty(D, B, H, dtype=ct, device=dev)
+    grad_y = grad_y.to(dt)
+    lengths = _lengths(lengths, x)
+    block_h = _block_h(cell, H, x, D)
+    fields = _tensor_core_fields("backward", cell, B, H, x, block_h)
+    keep, params = [], (BackwardParams * D)()
+    for d in range(D):
+        rev = bool(reverse) if D == 1 else d == 1
+        gy = grad_y[:, :, d * H:(d + 1) * H].contiguous()
+        w_hh = w_hhs[d].contiguous()
+        counter = _barrier_counter(dev)
+        keep += [gy, w_hh, counter]
+        params[d] = BackwardParams(
+            grad_y=_ptr(gy), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates[d]), hs=_ptr(hs[d]),
+            cs=_ptr(cs[d] if cs is not None else None), d_in=_ptr(d_in[d]), d_hid=_ptr(d_hid[d]), dh=_ptr(dh[d]),
+            dc=_ptr(dc[d] if dc is not None else None), direct=_ptr(direct[d]), sync=_ptr(counter), T=T, B=B, H=H,
+            block_h=block_h, reverse=int(rev), directions=D, **fields)
+    fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
+    with _on(dev):
+        _check(fn(params, _stream(dev)), f"{cell} backward")
+    del keep
+    # dh is dh0 now: the kernel's last phase B passes the first step's gate gradients through W_hh too.
+    dx, weights = None, []
+    for d in range(D):
+        hid = d_in[d] if d_hid is d_in else d_hid[d]  # one tensor except for GRU, as input_and_weight_grads tells
+        dx_d, dw_ih, dw_hh, db_ih, db_hh = input_and_weight_grads(d_in[d], hid, x, w_ihs[d], hs[d], has_bias)
+        dx = dx_d if dx is None else dx + dx_d
+        weights.append((dw_ih, dw_hh, db_ih, db_hh))
+    return dx, dh.to(dt), (dc.to(dt) if dc is not None else None), weights
 
 
 register(CudaBackend())
