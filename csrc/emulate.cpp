@@ -195,9 +195,6 @@ thread_local bool t_in_launch = false;
 const char* name_of(Collective c) {
   switch (c) {
     case Collective::shfl_xor: return "shfl_xor";
-    case Collective::load_matrix_sync: return "load_matrix_sync";
-    case Collective::store_matrix_sync: return "store_matrix_sync";
-    case Collective::mma_sync: return "mma_sync";
     case Collective::ldmatrix: return "ldmatrix";
     case Collective::mma_m16n8k16: return "mma_m16n8k16";
     case Collective::mma_m16n8k8: return "mma_m16n8k8";
@@ -207,12 +204,6 @@ const char* name_of(Collective c) {
 
 std::string where(const Fiber* f) {
   return "block " + std::to_string(f->block) + " thread " + std::to_string(f->thread);
-}
-
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
 }
 
 inline void jump(Context& from, Context& to) {
@@ -689,17 +680,6 @@ const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
       if (s[l].what != s[0].what)
         fail_now(warp + ": its lanes are in different warp collectives at once: lane 0 in " + name_of(s[0].what) +
                  ", lane " + std::to_string(l) + " in " + name_of(s[l].what) + " (divergent code?)");
-    }
-    if (what != Collective::shfl_xor && what != Collective::ldmatrix && what != Collective::mma_m16n8k16 &&
-        what != Collective::mma_m16n8k8) {
-      for (unsigned l = 1; l < 32; ++l) {
-        if (s[l].value != s[0].value || s[l].args != s[0].args)
-          fail_now(warp + ": " + name_of(what) + " needs the same pointer, ldm and layout on every lane, but lane 0 "
-                   "passes " + hex(s[0].value) + " (ldm " + std::to_string(s[0].args & 0xFFFFFFFFu) + ") and lane " +
-                   std::to_string(l) + " passes " + hex(s[l].value) + " (ldm " +
-                   std::to_string(s[l].args & 0xFFFFFFFFu) + ")" +
-                   ((s[l].args >> 32) != (s[0].args >> 32) ? ", with another layout" : ""));
-      }
     }
     release(self, &g->fibers[static_cast<size_t>(self->block) * g->threads + (self->thread / 32) * 32], 32, true);
   } else {

@@ -3,22 +3,22 @@
 //
 // Execution model: rf::launch runs the kernel body once per thread of a 1-D grid, each thread a fiber with its own
 // 64 KiB stack, all fibers on the calling OS thread under one cooperative scheduler (emulate.cpp). A fiber runs
-// until it reaches a barrier (sync_block, sync_grid) or a warp collective (shfl_xor, the WMMA *_sync calls), or
-// finishes; a barrier releases when every thread of its scope (block, grid, warp) has arrived. Every thread of the
+// until it reaches a barrier (sync_block, sync_grid), a warp collective (shfl_xor, ldmatrix, mma), a spin on a flag
+// (grid_wait), or finishes; a barrier releases when every thread of its scope (block, grid, warp) has arrived. Every thread of the
 // grid is alive at once, as a cooperative launch requires: 132 x 256 = 33,792 fibers is the usual grid.
 // threadIdx, blockIdx, blockDim and gridDim are plain globals that the scheduler sets whenever it resumes a fiber.
 //
 // What the emulation checks, each a failed launch with the block and thread named (never a hang or an abort):
-// deadlock (a thread that skips a barrier or exits while its block, warp or grid waits), lanes of one warp in
-// different collectives or passing different WMMA arguments, WMMA pointers not 32-byte aligned and leading
-// dimensions not a multiple of 16 bytes, writes outside a block's dynamic shared memory (which starts as 0xFF
-// bytes, a NaN in fp32/fp16/bf16, at every launch), a stack overflow, a segmentation fault or an integer division
-// by zero in a kernel, and exceptions thrown by it.
+// deadlock (a thread that skips a barrier or exits while its block, warp or grid waits, or spins on a flag no
+// thread that can run will set), lanes of one warp in different collectives, ldmatrix rows not 16-byte aligned or
+// outside shared memory, cp_async16 addresses not 16-byte aligned, writes outside a block's dynamic shared memory
+// (which starts as 0xFF bytes, a NaN in fp32/fp16/bf16, at every launch), a stack overflow, a segmentation fault or
+// an integer division by zero in a kernel, and exceptions thrown by it.
 //
 // What it does not model: memory races and the memory model (a fiber runs alone until it blocks, so a missing
 // barrier shows only where the schedule exposes it), preemption (a loop that waits for another thread without a
 // barrier, collective or rf::grid_wait inside never ends), reads outside shared memory, __shared__ variables (use
-// rf::dynamic_smem), 2-D and 3-D grids, and tensor-core rounding (mma_sync sums in fp32, k in order).
+// rf::dynamic_smem), 2-D and 3-D grids, and tensor-core rounding (the mma emulations sum in fp32, k in order).
 #pragma once
 
 #include <cmath>
@@ -152,7 +152,7 @@ struct bf16_t {
   operator float() const { return detail::bf16_bits_to_float(bits); }
 };
 
-// Trivial, so that arrays of them in shared memory or WMMA fragments cost nothing to declare, as on the GPU.
+// Trivial, so that arrays of them in shared memory cost nothing to declare, as on the GPU.
 static_assert(sizeof(half_t) == 2 && std::is_trivially_copyable_v<half_t> &&
               std::is_trivially_default_constructible_v<half_t>);
 static_assert(sizeof(bf16_t) == 2 && std::is_trivially_copyable_v<bf16_t> &&
@@ -167,15 +167,12 @@ inline double tanh_(double v) { return std::tanh(v); }
 namespace detail {
 
 // The warp collectives: every lane of a warp must be in the same one at once.
-enum class Collective : int {
-  shfl_xor, load_matrix_sync, store_matrix_sync, mma_sync, ldmatrix, mma_m16n8k16, mma_m16n8k8
-};
+enum class Collective : int { shfl_xor, ldmatrix, mma_m16n8k16, mma_m16n8k8 };
 
 // Block barrier and grid barrier; both switch fibers until the whole block (grid) has arrived.
 RF_EMU_API void arrive_block();
 RF_EMU_API void arrive_grid();
-// Every lane of the warp deposits `value` (and, for the WMMA calls, its pointer and leading dimension in `args`,
-// which must agree across the warp), waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
+// Every lane of the warp deposits `value`, waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
 // where that lane is out of range, as PTX shfl.bfly does).
 RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask);
 // Every lane deposits `value` and waits for all 32; all[l] is then lane l's.
@@ -294,8 +291,14 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
   }
 }
 
-// cvt.rna.tf32.f32 (wmma::__float_to_tf32, below), as bits.
-inline uint32_t to_tf32(float v);
+// cvt.rna.tf32.f32: the bits of v rounded to TF32's 10 mantissa bits, to nearest, ties away from zero (the low 13
+// bits zero). Inf and NaN pass through.
+inline uint32_t to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;  // magnitude bits: the carry is ties-away
+  return u;
+}
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -346,179 +349,6 @@ inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, F&& bod
   return detail::launch(blocks, threads, smem_bytes, [](void* c) { (*static_cast<Call*>(c))(); }, &call, error);
 }
 
-// ------------------------------------------------------------------------------------------------ WMMA ---
-// nvcuda::wmma for 16x16x16 tiles of half_t/bf16_t and 16x16x8 tiles of TF32 (precision::tf32, held as float), both
-// with float accumulators. Every lane holds the whole tile (the GPU spreads it over the warp in an unspecified way,
-// so portable code never depends on which lane holds what, and applies only elementwise operations to x[]): each
-// lane loads, multiplies and stores all of its elements, and the stores write identical values.
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-
-// cvt.rna.tf32.f32: v rounded to TF32's 10 mantissa bits, to nearest, ties away from zero, kept in a float (the low
-// 13 bits zero). Inf and NaN pass through.
-inline float __float_to_tf32(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;  // magnitude bits: the carry is ties-away
-  float out;
-  std::memcpy(&out, &u, sizeof(out));
-  return out;
-}
-
-namespace detail {
-
-template <typename T>
-constexpr bool is_tf32 = std::is_same_v<T, precision::tf32>;
-
-// What a fragment holds: TF32 operands are floats.
-template <typename T>
-using element_of = std::conditional_t<is_tf32<T>, float, T>;
-
-// The tile as the fragment's own matrix: a is M x K, b is K x N, the accumulator M x N.
-template <typename Use, int M, int N, int K>
-constexpr int rows_of = std::is_same_v<Use, matrix_b> ? K : M;
-template <typename Use, int M, int N, int K>
-constexpr int cols_of = std::is_same_v<Use, matrix_a> ? K : N;
-
-}  // namespace detail
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr bool kOperand = std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>;
-  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulation has 16x16x16 and 16x16x8 tiles only");
-  static_assert(!kOperand || ((std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>) && K == 16) ||
-                    (detail::is_tf32<T> && K == 8),
-                "matrix_a/matrix_b fragments hold half_t or bf16_t (k 16) or precision::tf32 (k 8)");
-  static_assert(!kOperand || std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
-                "matrix_a/matrix_b fragments take row_major or col_major");
-  static_assert(!std::is_same_v<Use, accumulator> || (std::is_same_v<T, float> && std::is_void_v<Layout>),
-                "accumulator fragments are float, without a layout");
-  static_assert(kOperand || std::is_same_v<Use, accumulator>, "Use is matrix_a, matrix_b or accumulator");
-  using element_type = detail::element_of<T>;
-  static constexpr int kRows = detail::rows_of<Use, M, N, K>, kCols = detail::cols_of<Use, M, N, K>;
-  static constexpr int num_elements = kRows * kCols;
-  element_type x[num_elements];  // row by row
-};
-
-namespace detail {
-
-// The CUDA programming guide: "mptr must be a 256-bit aligned pointer" and "ldm ... must be a multiple of 8 for
-// __half element type or multiple of 4 for float element type", i.e. of 16 bytes.
-template <typename T>
-inline void check_tile(const char* what, const T* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
-    char at[32];
-    std::snprintf(at, sizeof(at), "%p", static_cast<const void*>(p));
-    rf::detail::fail(std::string(what) + ": the pointer " + at + " is not 32-byte (256-bit) aligned, as WMMA " +
-                     "requires (" + std::to_string(reinterpret_cast<uintptr_t>(p) % 32) + " bytes past a boundary)");
-  }
-  if (ldm * sizeof(T) % 16 != 0)
-    rf::detail::fail(std::string(what) + ": ldm " + std::to_string(ldm) + " is not a multiple of " +
-                     std::to_string(16 / sizeof(T)) + " (" + std::to_string(sizeof(T)) +
-                     "-byte elements: every row or column must start on 16 bytes), as WMMA requires");
-}
-
-inline uint64_t tile_args(unsigned ldm, int layout) {
-  return static_cast<uint64_t>(ldm) | (static_cast<uint64_t>(layout) << 32);
-}
-
-inline void collective(rf::detail::Collective what, const void* p, uint64_t args) {
-  rf::detail::warp_collective(what, reinterpret_cast<uintptr_t>(p), args, 0);
-}
-
-// Element (r, c) of a matrix stored row- or column-major with leading dimension ldm.
-inline size_t at(int r, int c, unsigned ldm, bool col) {
-  return col ? static_cast<size_t>(c) * ldm + r : static_cast<size_t>(r) * ldm + c;
-}
-
-// What the tensor core multiplies: 16-bit values as they are; of a TF32 operand only the TF32 bits (the low 13 of
-// the float are not read, so an operand never passed through __float_to_tf32 is truncated, not rounded).
-inline float operand(half_t v) { return static_cast<float>(v); }
-inline float operand(bf16_t v) { return static_cast<float>(v); }
-inline float operand(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  u &= 0xFFFFE000u;
-  float out;
-  std::memcpy(&out, &u, sizeof(out));
-  return out;
-}
-
-}  // namespace detail
-
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
-                          const typename fragment<Use, M, N, K, T, Layout>::element_type& v) {
-  for (auto& e : f.x) e = v;
-}
-
-// matrix_a (M x K) or matrix_b (K x N): row_major puts element (r, c) at p[r*ldm + c], col_major at p[c*ldm + r].
-template <typename Use, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f,
-                             const typename fragment<Use, 16, 16, K, T, Layout>::element_type* p, unsigned ldm) {
-  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
-  using F = fragment<Use, 16, 16, K, T, Layout>;
-  constexpr bool col = std::is_same_v<Layout, col_major>;
-  detail::check_tile("load_matrix_sync", p, ldm);
-  detail::collective(rf::detail::Collective::load_matrix_sync, p, detail::tile_args(ldm, col));
-  for (int r = 0; r < F::kRows; ++r)
-    for (int c = 0; c < F::kCols; ++c) f.x[r * F::kCols + c] = p[detail::at(r, c, ldm, col)];
-}
-
-template <int K>
-inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p, unsigned ldm,
-                             layout_t layout) {
-  const bool col = layout == mem_col_major;
-  detail::check_tile("load_matrix_sync", p, ldm);
-  detail::collective(rf::detail::Collective::load_matrix_sync, p, detail::tile_args(ldm, col));
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[detail::at(r, c, ldm, col)];
-}
-
-template <int K>
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm,
-                              layout_t layout) {
-  const bool col = layout == mem_col_major;
-  detail::check_tile("store_matrix_sync", p, ldm);
-  detail::collective(rf::detail::Collective::store_matrix_sync, p, detail::tile_args(ldm, col));
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) p[detail::at(r, c, ldm, col)] = f.x[r * 16 + c];
-}
-
-// d = a b + c, the products exact in float (11-bit by 11-bit significands at most), summed in float in k order after
-// c. d may be c.
-template <int K, typename T, typename La, typename Lb>
-inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, La>& a,
-                     const fragment<matrix_b, 16, 16, K, T, Lb>& b, const fragment<accumulator, 16, 16, K, float>& c) {
-  rf::detail::warp_collective(rf::detail::Collective::mma_sync, 0, 0, 0);
-  float out[256];
-  for (int m = 0; m < 16; ++m) {
-    for (int n = 0; n < 16; ++n) {
-      float s = c.x[m * 16 + n];
-      for (int k = 0; k < K; ++k) s += detail::operand(a.x[m * K + k]) * detail::operand(b.x[k * 16 + n]);
-      out[m * 16 + n] = s;
-    }
-  }
-  std::memcpy(d.x, out, sizeof(out));
-}
-
-}  // namespace wmma
-
-inline uint32_t to_tf32(float v) {
-  const float r = wmma::__float_to_tf32(v);
-  uint32_t u;
-  std::memcpy(&u, &r, 4);
-  return u;
-}
 
 }  // namespace rf
 

@@ -24,15 +24,12 @@
 //   rf::mma_m16n8k8_tf32(d, a, b) mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32; rf::to_tf32(v) is
 //                                 cvt.rna.tf32.f32 (the TF32 bits of v, rounded to nearest, ties away),
 //                                 rf::bits_to_float its float
-//   rf::wmma::...                 nvcuda::wmma's fragment, fill_fragment, load_matrix_sync, mma_sync,
-//                                 store_matrix_sync for 16x16x16 half/bf16 tiles and 16x16x8 TF32 tiles
-//                                 (precision::tf32, __float_to_tf32), with float accumulators
 //   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below)
 //
 // Under RNNFAST_EMULATE the CUDA qualifiers are defined away, threadIdx/blockIdx/blockDim/gridDim are variables the
 // fiber scheduler (emulate.cpp) sets for the thread it resumes, every thread of the grid is a fiber, and the
 // barriers and shuffles switch fibers. Dynamic shared memory is poisoned (NaN bytes) at every launch and guarded
-// against overruns; WMMA pointers and leading dimensions are checked for the alignment the hardware requires.
+// against overruns; ldmatrix and cp.async addresses are checked for the alignment the hardware requires.
 #pragma once
 
 #include <cstddef>
@@ -48,7 +45,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #define RF_DEVICE __device__ __forceinline__
 #define RF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -133,7 +129,6 @@ RF_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uin
 RF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-namespace wmma = nvcuda::wmma;
 
 #define RF_CUDA_TRY(call)                                                                         \
   do {                                                                                            \

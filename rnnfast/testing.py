@@ -100,3 +100,29 @@ def layer_inputs(cell: str, a: dict, reverse: bool = False):
 
     return LayerInputs(cell, a["x"], a["h0"], a.get("c0"), a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh"),
                        a.get("w_hr"), a.get("lengths"), reverse)
+
+
+def bidirectional_gradchecks(backend: str, cell: str, device) -> bool:
+    """float64 ``gradcheck`` and ``gradgradcheck`` (fast mode) of both directions of a layer in one launch of
+    ``backend`` (:func:`rnnfast.backends.bidirectional.bidirectional_layer`), unequal lengths, every input
+    differentiable. True when both pass (each raises with the failing Jacobian otherwise)."""
+    from .backends.bidirectional import bidirectional_layer
+
+    g = torch.Generator().manual_seed(3)
+    dirs = [make_layer_inputs(cell, 3, 2, 2, 3, generator=g) for _ in range(2)]
+    x = dirs[0]["x"].to(device).requires_grad_()
+    h0 = torch.stack([a["h0"] for a in dirs]).to(device).requires_grad_()
+    c0 = torch.stack([a["c0"] for a in dirs]).to(device).requires_grad_() if cell == "lstm" else None
+    ws = [tuple(a[k].to(device).requires_grad_() for k in ("w_ih", "w_hh", "b_ih", "b_hh")) for a in dirs]
+    lengths = torch.tensor([3, 1])
+    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(ws[0]) + list(ws[1])
+
+    def f(*t):
+        x_, h0_ = t[0], t[1]
+        c0_ = t[2] if cell == "lstm" else None
+        w = t[3:] if cell == "lstm" else t[2:]
+        y, h, c = bidirectional_layer(backend, cell, x_, h0_, c0_, w[:4], w[4:], lengths, fused=False)
+        return (y, h) + ((c,) if c is not None else ())
+
+    return torch.autograd.gradcheck(f, leaves, fast_mode=True) and torch.autograd.gradgradcheck(f, leaves,
+                                                                                                fast_mode=True)

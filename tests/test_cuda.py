@@ -29,6 +29,7 @@ from rnnfast import backends, build, ops, reference
 from rnnfast.backends import cuda as rc
 from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, layer_inputs,
                       make_layer_inputs, reference_layer, torch_nn_layer)
+from rnnfast.testing import bidirectional_gradchecks
 
 HAS_GPU = torch.cuda.is_available()
 EMULATED = rc.EMULATED
@@ -319,21 +320,13 @@ def test_both_step_barriers(library, cell, dtype, flag, monkeypatch, poisoned_cu
     a = _inputs(cell, T, B, I, H, dtype, seed=H + flag, scale=0.5 / math.sqrt(H))
     up = _upstream(cell, T, B, H, dtype)
     outs, grads = _run_backend(cell, a, False, "hoisted", up)
-    ref_outs, ref_grads = reference_layer(cell, a, False, up)
     blocks = -(-H // rc.plan(cell, H, dtype, DEVICE)[0])
     assert blocks > 1
     if flag:  # the forward waits between steps (T - 1 barriers), the backward within each (T)
         assert [int(c) for c in counters] == [blocks * (T - 1), blocks * T]
     else:
         assert counters == [None, None]
-    if dtype != torch.bfloat16:
-        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
-        return
-    base_outs, base_grads = _cudnn(cell, a, False, up)
-    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
-                             base_outs + base_grads):
-        if r is not None:
-            assert_within_baseline(o, r, b, msg=f"{cell} {name}")
+    _assert_layer_correct(cell, dtype, a, False, up, outs, grads)
 
 
 # -- both directions of a bidirectional layer in one launch --------------------------------------------------------
@@ -432,26 +425,7 @@ def test_bidirectional_modules_run_both_directions_of_a_layer_in_one_launch(libr
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_bidirectional_layer_gradcheck_and_gradgradcheck_float64(library, cell):
-    from rnnfast.backends.bidirectional import bidirectional_layer
-
-    g = torch.Generator().manual_seed(3)
-    dirs = [make_layer_inputs(cell, 3, 2, 2, 3, generator=g) for _ in range(2)]
-    x = dirs[0]["x"].to(DEVICE).requires_grad_()
-    h0 = torch.stack([a["h0"] for a in dirs]).to(DEVICE).requires_grad_()
-    c0 = torch.stack([a["c0"] for a in dirs]).to(DEVICE).requires_grad_() if cell == "lstm" else None
-    ws = [tuple(a[k].to(DEVICE).requires_grad_() for k in ("w_ih", "w_hh", "b_ih", "b_hh")) for a in dirs]
-    lengths = torch.tensor([3, 1])
-    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(ws[0]) + list(ws[1])
-
-    def f(*t):
-        x_, h0_ = t[0], t[1]
-        c0_ = t[2] if cell == "lstm" else None
-        w = t[3:] if cell == "lstm" else t[2:]
-        y, h, c = bidirectional_layer("cuda", cell, x_, h0_, c0_, w[:4], w[4:], lengths, fused=False)
-        return (y, h) + ((c,) if c is not None else ())
-
-    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
-    assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True)
+    assert bidirectional_gradchecks("cuda", cell, DEVICE)
 
 
 @pytest.mark.parametrize("cell,dtype,H", [("gru", torch.float32, 1100), ("lstm", torch.float64, 600),
@@ -490,6 +464,21 @@ def _cudnn(cell, a, reverse, upstream):
     grads = (x.grad, h0.grad, c0.grad if c0 is not None else None, m.weight_ih_l0.grad, m.weight_hh_l0.grad,
              m.bias_ih_l0.grad, m.bias_hh_l0.grad)
     return outs, grads
+
+
+def _assert_layer_correct(cell, dtype, a, reverse, up, outs, grads):
+    """Outputs and every gradient against the float64 reference: float32/float64 within the table's tolerance, the
+    half types by the baseline rule against cuDNN (torch.nn) in the same dtype (``a`` without lengths)."""
+    ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
+    if dtype not in (torch.float16, torch.bfloat16):
+        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
+        return
+    base_outs, base_grads = _cudnn(cell, a, reverse, up)
+    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
+                             base_outs + base_grads):
+        if r is not None:
+            assert o.dtype == dtype and o.shape == r.shape, name
+            assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
 
 
 @pytest.mark.parametrize("tensor_cores", [True, False], ids=["mma", "fma"])
@@ -531,12 +520,7 @@ def test_tensor_cores_with_several_units_a_block(library, cell, dtype, poisoned_
     a = _inputs(cell, T, B, I, H, dtype, seed=7, scale=0.5 / math.sqrt(H))
     up = _upstream(cell, T, B, H, dtype)
     outs, grads = _run_backend(cell, a, True, "hoisted", up)
-    ref_outs, ref_grads = reference_layer(cell, a, True, up)
-    base_outs, base_grads = _cudnn(cell, a, True, up)
-    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
-                             base_outs + base_grads):
-        if r is not None:
-            assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
+    _assert_layer_correct(cell, dtype, a, True, up, outs, grads)
 
 
 @pytest.mark.parametrize("cell,dtype,mode", [("lstm", torch.bfloat16, "hoisted"), ("gru", torch.float16, "fused"),
@@ -558,15 +542,7 @@ def test_batch_tiles_on_tensor_cores(library, cell, dtype, mode, monkeypatch, po
     up = _upstream(cell, T, B, H, dtype)
     reverse = cell != "gru"
     outs, grads = _run_backend(cell, a, reverse, mode, up)
-    ref_outs, ref_grads = reference_layer(cell, a, reverse, up)
-    if dtype == torch.float32:
-        assert_layer_matches(cell, dtype, outs, grads, ref_outs, ref_grads)
-        return
-    base_outs, base_grads = _cudnn(cell, a, reverse, up)
-    for name, o, r, b in zip(("y", "h_n", "c_n") + GRAD_NAMES, outs + grads, ref_outs + ref_grads,
-                             base_outs + base_grads):
-        if r is not None:
-            assert_within_baseline(o, r, b, msg=f"{cell} {dtype} {name}")
+    _assert_layer_correct(cell, dtype, a, reverse, up, outs, grads)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,9 +6,10 @@ csrc/emulate.cpp (cached under pytest's cache, keyed on the sources). Every laun
 timeout, so a scheduler that hangs fails the test instead of the run. Checked: the block barrier orders writes
 and reads (and a kernel without it goes wrong), the grid barrier over 132 x 256 fibers and a grid of more than
 32k threads, shuffles (butterfly sums bit for bit, every lane permutation, 4- and 8-byte and 16-bit types),
-half_t/bf16_t rounding against torch and an exact reference, WMMA tiles against a float64 product in every
-layout, dynamic shared memory poisoned and guarded, and every failure the emulation reports instead of hanging:
-deadlock, divergent warps, misaligned tiles, an exception, a stack overflow, and refused launches.
+half_t/bf16_t rounding against torch and an exact reference, TF32 rounding, ldmatrix + mma.sync (16-bit and TF32)
+against a float64 product in their register layouts, cp.async, the split-phase barrier, dynamic shared memory
+poisoned and guarded, and every failure the emulation reports instead of hanging: deadlock (a spinning one too),
+divergent warps, misaligned rows, an exception, a stack overflow, and refused launches.
 """
 
 from __future__ import annotations
@@ -401,82 +402,10 @@ def test_half_and_bf16_conversions_round_like_cuda(lib, tmp_path):
                                       err_msg=f"{fmt} -> float")
 
 
-# --------------------------------------------------------------------------------------------------- WMMA ---
-
-M, N, K = 32, 48, 64
-PAD = 8  # the layer kernels' k_ld = k_pad + 8
-
-
-def stored(mat: torch.Tensor, col: bool, ld: int) -> torch.Tensor:
-    """mat (rows x cols) in memory: row-major [rows][ld], or column-major [cols][ld]; padding poisoned."""
-    rows, cols = mat.shape
-    src = mat.t() if col else mat
-    mem = torch.full((src.shape[0], ld), float("nan"), dtype=mat.dtype)
-    mem[:, : src.shape[1]] = src
-    return mem
-
+# ------------------------------------------------------------------------------------------ tensor cores ---
 
 def tf32_rna(v: np.ndarray) -> np.ndarray:
     return tf32_oracle(torch.from_numpy(v)).numpy()
-
-
-def wmma_case(dtype, a_col, b_col, c_col, d_col, lda=None, ldb=None, ldc=None, a_offset=0, mode=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(M, K, generator=g).to(dtype)
-    B = torch.randn(K, N, generator=g).to(dtype)
-    C = torch.randn(M, N, generator=g)
-    lda = lda or ((M if a_col else K) + PAD)
-    ldb = ldb or ((K if b_col else N) + PAD)
-    ldc = ldc or ((M if c_col else N) + 4)
-    ldd = (M if d_col else N) + 4
-    a_mem = stored(A, a_col, lda)
-    a_mem = torch.cat([a_mem.flatten(), torch.zeros(16, dtype=dtype)])  # room for a_offset
-    b_mem, c_mem = stored(B, b_col, ldb).flatten(), stored(C, c_col, ldc).flatten()
-    d_mem = torch.full(((N if d_col else M) * ldd,), float("nan"))
-    if dtype == torch.float32:  # TF32: float in memory, rounded in each fragment (mode 3: truncated, unconverted)
-        bufs = [a_mem.numpy().copy(), b_mem.numpy().copy(), c_mem.numpy().copy(), d_mem.numpy().copy()]
-        if mode == 3:
-            A, B = (torch.from_numpy((t.numpy().view(np.uint32) & 0xFFFFE000).view(np.float32)) for t in (A, B))
-        else:
-            A, B = torch.from_numpy(tf32_rna(A.numpy())), torch.from_numpy(tf32_rna(B.numpy()))
-    else:
-        bits = lambda t: t.view(torch.int16).numpy().view(np.uint16).copy()  # noqa: E731
-        bufs = [bits(a_mem), bits(b_mem), c_mem.numpy().copy(), d_mem.numpy().copy()]
-    kind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
-    ints = [kind, M, N, K, lda, ldb, ldc, ldd, int(a_col), int(b_col), int(c_col),
-            int(d_col), bufs[0].size, bufs[1].size, bufs[2].size, bufs[3].size, a_offset, 64, mode]
-    ref = A.double() @ B.double() + C.double()
-    bound = (A.double().abs() @ B.double().abs() + C.double().abs()) * 2.0**-18  # fp32 sums of 65 terms
-    return bufs, ints, ref, bound, ldd
-
-
-@pytest.mark.parametrize("a_col,b_col,c_col,d_col", [(0, 1, 0, 0), (0, 0, 1, 0), (1, 0, 0, 1), (1, 1, 1, 1)],
-                         ids=["a_row-b_col", "a_row-b_row-c_col", "a_col-b_row-d_col", "all_col"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
-def test_wmma_tiles_match_a_float64_product(lib, tmp_path, dtype, a_col, b_col, c_col, d_col):
-    """16x16x16 tiles of the 16-bit types, 16x16x8 TF32 tiles (float32 operands rounded in the fragments): against
-    the float64 product of the operands as the tensor core sees them."""
-    bufs, ints, ref, bound, ldd = wmma_case(dtype, a_col, b_col, c_col, d_col)
-    r = run(lib, tmp_path, "wmma", bufs, ints)
-    assert r.rc == 0, r.error
-    mem = torch.from_numpy(r.bufs[3]).view(N if d_col else M, ldd)
-    D = (mem[:, :M].t() if d_col else mem[:, :N]).double()
-    assert not D.isnan().any(), "an output element was never stored"
-    assert mem[:, (M if d_col else N):].isnan().all(), "a store wrote outside its tile"
-    err = (D - ref).abs()
-    assert (err <= bound).all(), f"max error {err.max():.3g} (bound {bound[err.argmax() // N, err.argmax() % N]:.3g})"
-
-
-def test_tf32_operands_are_read_truncated_unless_converted(lib, tmp_path):
-    """A TF32 operand never passed through __float_to_tf32 loses its low 13 bits, as the tensor core reads it: the
-    product is that of the truncated operands, and differs from the rounded one."""
-    bufs, ints, ref, bound, ldd = wmma_case(torch.float32, 0, 1, 0, 0, mode=3)
-    r = run(lib, tmp_path, "wmma", bufs, ints)
-    assert r.rc == 0, r.error
-    D = torch.from_numpy(r.bufs[3]).view(M, ldd)[:, :N].double()
-    assert ((D - ref).abs() <= bound).all()
-    _, _, rounded, _, _ = wmma_case(torch.float32, 0, 1, 0, 0)
-    assert ((D - rounded).abs() > bound).any()
 
 
 def test_float_to_tf32_rounds_to_nearest_ties_away(lib, tmp_path):
@@ -541,25 +470,6 @@ def test_mma_m16n8k8_tf32_matches_a_float64_product(lib, tmp_path):
         assert ((D - (A.double() @ Bt.double().t() + C.double())).abs() > bound).any()  # not float32's product
 
 
-def test_wmma_refuses_a_misaligned_tile(lib, tmp_path):
-    bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, a_offset=8)  # 16 bytes off
-    assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "load_matrix_sync", "32-byte", "block 0 thread ")
-
-
-def test_wmma_refuses_a_bad_leading_dimension(lib, tmp_path):
-    bufs, ints, *_ = wmma_case(torch.bfloat16, 0, 1, 0, 0, lda=K + 4)  # rows 136 bytes apart
-    assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "ldm 68 is not a multiple of 8")
-    bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, ldc=N + 2)  # float rows 200 bytes apart
-    assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "ldm 50 is not a multiple of 4")
-
-
-def test_wmma_collectives_need_the_whole_warp_and_one_pointer(lib, tmp_path):
-    bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, mode=1)  # lane 5 loads another tile
-    assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "load_matrix_sync needs the same pointer", "lane 5")
-    bufs, ints, *_ = wmma_case(torch.float16, 0, 1, 0, 0, mode=2)  # lanes 16-31 leave before mma_sync
-    assert_fails(run(lib, tmp_path, "wmma", bufs, ints), "mma_sync", "exited")
-
-
 # ----------------------------------------------------------------------------------- dynamic shared memory ---
 
 def smem(lib, tmp_path, mode, write_at=0, writer=(0, 0), blocks=3, threads=64, nbytes=1000):
@@ -594,7 +504,7 @@ FAILURES = {
                                                                        "3 lanes of its warp wait"]),
     "a warp waits at sync_block while a lane shuffles": (9, 1, 64, ["block 0 thread 1: reaches sync_block while 1 "
                                                                      "lanes of its warp wait at shfl_xor"]),
-    "half a warp shuffles, half multiplies": (3, 1, 32, ["different warp collectives", "shfl_xor", "mma_sync"]),
+    "half a warp shuffles, half multiplies": (3, 1, 32, ["different warp collectives", "shfl_xor", "mma_m16n8k16"]),
     "warps split between sync_grid and sync_block": (4, 1, 256, ["deadlock", "threads 0-127 wait at sync_grid",
                                                                   "threads 128-255 wait at sync_block"]),
     "the kernel throws": (5, 1, 64, ["block 0 thread 7", "thrown by the test kernel"]),
@@ -603,6 +513,7 @@ FAILURES = {
     "shuffles in a block of 48 threads": (7, 1, 48, ["whole warps", "48"]),
     "a stack overflow": (8, 1, 32, ["stack overflow"]),
     "block 1 never arrives at the split-phase barrier": (11, 3, 64, ["deadlock", "spin on a flag", "grid_arrive"]),
+    "half a warp leaves before an mma": (12, 1, 32, ["mma_m16n8k16", "exited"]),
 }
 
 

@@ -16,6 +16,7 @@ import torch
 import rnnfast
 from rnnfast import backends, ops, reference
 from rnnfast.backends import triton as tk
+from rnnfast.testing import bidirectional_gradchecks
 from conftest import (CELLS, GRAD_NAMES, assert_close, assert_layer_matches, assert_within_baseline, make_layer_inputs,
                       reference_layer, torch_nn_layer)
 
@@ -500,24 +501,7 @@ def test_bidirectional_modules_run_both_directions_of_a_layer_in_one_launch(cls,
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_bidirectional_layer_gradcheck_and_gradgradcheck_float64(cell):
-    g = torch.Generator().manual_seed(3)
-    dirs = [make_layer_inputs(cell, 3, 2, 2, 3, generator=g) for _ in range(2)]
-    x = dirs[0]["x"].to(DEVICE).requires_grad_()
-    h0 = torch.stack([a["h0"] for a in dirs]).to(DEVICE).requires_grad_()
-    c0 = torch.stack([a["c0"] for a in dirs]).to(DEVICE).requires_grad_() if cell == "lstm" else None
-    ws = [tuple(a[k].to(DEVICE).requires_grad_() for k in ("w_ih", "w_hh", "b_ih", "b_hh")) for a in dirs]
-    lengths = torch.tensor([3, 1])
-    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(ws[0]) + list(ws[1])
-
-    def f(*t):
-        x_, h0_ = t[0], t[1]
-        c0_ = t[2] if cell == "lstm" else None
-        w = t[3:] if cell == "lstm" else t[2:]
-        y, h, c = tk.bidirectional_layer(cell, x_, h0_, c0_, w[:4], w[4:], lengths, fused=False)
-        return (y, h) + ((c,) if c is not None else ())
-
-    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
-    assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True)
+    assert bidirectional_gradchecks("triton", cell, DEVICE)
 
 
 # -- the per-step cost model (a prediction; these are its properties, not its numbers) -----------------------------

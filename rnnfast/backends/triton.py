@@ -558,14 +558,6 @@ def backward(cell, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, b_ih, lengths, rev
     return dx, dh0[0], (dc0[0] if dc0 is not None else None), dw_ih, dw_hh, db_ih, db_hh
 
 
-def bidirectional_layer(cell, x, h0, c0, weights_fwd, weights_rev, lengths, *, fused: bool):
-    """Run a bidirectional layer's two directions in one launch: ``(y (T, B, 2H), h_n (2, B, H), c_n or None)``.
-    ``weights_*``: ``(w_ih, w_hh, b_ih, b_hh)``, biases may be None."""
-    from .bidirectional import bidirectional_layer as both
-
-    return both("triton", cell, x, h0, c0, weights_fwd, weights_rev, lengths, fused=fused)
-
-
 class TritonBackend(KernelBackend):
     """Whole-sequence Triton kernels; see :mod:`rnnfast.kernels.layer` for the work split and schedules."""
 

@@ -126,73 +126,6 @@ __global__ void shfl_kernel(ShflArgs a) {
   }
 }
 
-// ------------------------------------------------------------------------------------------------ WMMA ---
-struct WmmaArgs {
-  const void* a;
-  const void* b;
-  const float* c;
-  float* d;
-  int m, n, k, lda, ldb, ldc, ldd;
-  bool c_col, d_col;
-  int a_offset;  // elements added to A's base pointer: 8 breaks the 32-byte alignment
-  int mode;      // 0: plain; 1: lane 5 passes another B pointer; 2: lanes 16-31 skip mma_sync (exit); 3: TF32
-                 // operands not converted
-};
-
-// T: half_t, bf16_t (16-deep tiles) or precision::tf32 (8-deep, float in memory, each fragment rounded to TF32).
-template <typename T, typename La, typename Lb>
-__global__ void wmma_kernel(WmmaArgs p) {
-  namespace wmma = rf::wmma;
-  constexpr bool tf32 = std::is_same_v<T, wmma::precision::tf32>;
-  constexpr int KD = tf32 ? 8 : 16;
-  using S = std::conditional_t<tf32, float, T>;
-  constexpr bool a_col = std::is_same_v<La, wmma::col_major>, b_col = std::is_same_v<Lb, wmma::col_major>;
-  const S* A = static_cast<const S*>(p.a) + p.a_offset;
-  const S* B = static_cast<const S*>(p.b);
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int n_tiles = p.n / 16, tiles = (p.m / 16) * n_tiles;
-  for (int tile = static_cast<int>(warp); tile < tiles; tile += static_cast<int>(warps)) {
-    const int mt = tile / n_tiles, nt = tile % n_tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, KD, float> acc;
-    const size_t c_at = p.c_col ? static_cast<size_t>(nt) * 16 * p.ldc + mt * 16
-                                : static_cast<size_t>(mt) * 16 * p.ldc + nt * 16;
-    wmma::load_matrix_sync(acc, p.c + c_at, p.ldc, p.c_col ? wmma::mem_col_major : wmma::mem_row_major);
-    for (int kc = 0; kc < p.k; kc += KD) {
-      wmma::fragment<wmma::matrix_a, 16, 16, KD, T, La> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, KD, T, Lb> fb;
-      // A is M x K: row-major (m, k) at m*lda + k, column-major at k*lda + m; B is K x N likewise.
-      const S* pa = a_col ? A + static_cast<size_t>(kc) * p.lda + mt * 16
-                          : A + static_cast<size_t>(mt) * 16 * p.lda + kc;
-      const S* pb = b_col ? B + static_cast<size_t>(nt) * 16 * p.ldb + kc
-                          : B + static_cast<size_t>(kc) * p.ldb + nt * 16;
-      if (p.mode == 1 && lane == 5) pb += 16;
-      wmma::load_matrix_sync(fa, pa, p.lda);
-      wmma::load_matrix_sync(fb, pb, p.ldb);
-      if (p.mode == 2 && lane >= 16) return;
-      if constexpr (tf32) {
-        if (p.mode != 3) {  // mode 3 leaves the operands unconverted: the tensor core truncates them
-          for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
-          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
-        }
-      }
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    const size_t d_at = p.d_col ? static_cast<size_t>(nt) * 16 * p.ldd + mt * 16
-                                : static_cast<size_t>(mt) * 16 * p.ldd + nt * 16;
-    wmma::store_matrix_sync(p.d + d_at, acc, p.ldd, p.d_col ? wmma::mem_col_major : wmma::mem_row_major);
-  }
-}
-
-template <typename T>
-bool wmma_launch(bool a_col, bool b_col, unsigned threads, const WmmaArgs& p, std::string* error) {
-  namespace wmma = rf::wmma;
-  auto go = [&](auto kernel) { return rf::launch(1, threads, 0, [&] { kernel(p); }, error); };
-  if (!a_col && !b_col) return go(&wmma_kernel<T, wmma::row_major, wmma::row_major>);
-  if (!a_col && b_col) return go(&wmma_kernel<T, wmma::row_major, wmma::col_major>);
-  if (a_col && !b_col) return go(&wmma_kernel<T, wmma::col_major, wmma::row_major>);
-  return go(&wmma_kernel<T, wmma::col_major, wmma::col_major>);
-}
-
 // ------------------------------------------------------------------------------- ldmatrix + mma.sync ---
 // D = A B + C for A 16 x K (row-major, lda), B K x 8 given as B^T [8][ldb] (the layer kernels' W[n][k]), C/D 16 x 8
 // row-major float: A and B^T staged in shared memory, ldmatrix x4 for A, x2 of the x4 for B (both k halves),
@@ -255,12 +188,6 @@ __global__ void mma_tf32_kernel(MmaArgs p, bool convert) {
   p.d[(gr + 8) * 8 + c2 + 1] = acc[3];
 }
 
-void* aligned_copy(const void* src, size_t bytes) {
-  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  std::memcpy(p, src, bytes);
-  return p;
-}
-
 // --------------------------------------------------------------------------------- dynamic shared memory ---
 struct SmemArgs {
   unsigned char* out;  // [block][smem_bytes]: what the block found in its shared memory
@@ -315,13 +242,9 @@ __global__ void fail_kernel(FailArgs a) {
       if (lane < 16) {
         a.out[t] = rf::shfl_xor(1, 1);
       } else {
-        rf::wmma::fragment<rf::wmma::accumulator, 16, 16, 16, float> c;
-        rf::wmma::fragment<rf::wmma::matrix_a, 16, 16, 16, rf::half_t, rf::wmma::row_major> x;
-        rf::wmma::fragment<rf::wmma::matrix_b, 16, 16, 16, rf::half_t, rf::wmma::col_major> y;
-        rf::wmma::fill_fragment(c, 0.f);
-        rf::wmma::fill_fragment(x, rf::half_t(1));
-        rf::wmma::fill_fragment(y, rf::half_t(1));
-        rf::wmma::mma_sync(c, x, y, c);
+        float d[4] = {};
+        const uint32_t x[4] = {}, y[2] = {};
+        rf::mma_m16n8k16<rf::half_t>(d, x, y);
       }
       break;
     }
@@ -343,6 +266,13 @@ __global__ void fail_kernel(FailArgs a) {
     case 8:  // a stack overflow
       a.out[t] = deep_frame(t);
       break;
+    case 12: {  // lanes 16-31 leave before mma_m16n8k16, which needs the whole warp
+      if (lane >= 16) return;
+      float d[4] = {};
+      const uint32_t x[4] = {}, y[2] = {};
+      rf::mma_m16n8k16<rf::bf16_t>(d, x, y);
+      break;
+    }
     case 11:  // block 1 never arrives at the split-phase barrier the others wait at (a.out[0] is the counter)
       if (blockIdx.x != 1) rf::grid_arrive(reinterpret_cast<unsigned*>(a.out));
       rf::grid_wait(reinterpret_cast<unsigned*>(a.out), gridDim.x);
@@ -497,38 +427,10 @@ EMU_EXPORT int emu_convert(void* const* bufs, const long long* ints, char*, int)
   return forms ? 0 : 2;
 }
 
-// bufs: a, b (16-bit, or float32 for TF32, laid out by the test), c, d (float32); ints: dtype (0 half, 1 bf16,
-// 2 tf32), m, n, k, lda, ldb, ldc, ldd, a_col, b_col, c_col, d_col, a_elems, b_elems, c_elems, d_elems, a_offset,
-// threads, mode.
-EMU_EXPORT int emu_wmma(void* const* bufs, const long long* ints, char* err, int err_len) {
-  const size_t elem = ints[0] == 2 ? 4 : 2;
-  const size_t a_bytes = static_cast<size_t>(ints[12]) * elem, b_bytes = static_cast<size_t>(ints[13]) * elem;
-  const size_t c_bytes = static_cast<size_t>(ints[14]) * 4, d_bytes = static_cast<size_t>(ints[15]) * 4;
-  // 64-byte aligned copies: the test's arrays promise only 16.
-  void* a = aligned_copy(bufs[0], a_bytes);
-  void* b = aligned_copy(bufs[1], b_bytes);
-  void* c = aligned_copy(bufs[2], c_bytes);
-  void* d = aligned_copy(bufs[3], d_bytes);
-  WmmaArgs p{a, b, static_cast<const float*>(c), static_cast<float*>(d),
-             static_cast<int>(ints[1]), static_cast<int>(ints[2]), static_cast<int>(ints[3]),
-             static_cast<int>(ints[4]), static_cast<int>(ints[5]), static_cast<int>(ints[6]),
-             static_cast<int>(ints[7]), ints[10] != 0, ints[11] != 0, static_cast<int>(ints[16]),
-             static_cast<int>(ints[18])};
-  const bool a_col = ints[8] != 0, b_col = ints[9] != 0;
-  const unsigned threads = static_cast<unsigned>(ints[17]);
-  std::string e;
-  const bool ok = ints[0] == 0   ? wmma_launch<rf::half_t>(a_col, b_col, threads, p, &e)
-                  : ints[0] == 1 ? wmma_launch<rf::bf16_t>(a_col, b_col, threads, p, &e)
-                                 : wmma_launch<rf::wmma::precision::tf32>(a_col, b_col, threads, p, &e);
-  std::memcpy(bufs[3], d, d_bytes);
-  for (void* q : {a, b, c, d}) std::free(q);
-  return report(ok, e, err, err_len);
-}
-
-// bufs: values (float32), rounded in place by rf::wmma::__float_to_tf32; ints: count.
+// bufs: values (float32), rounded in place by rf::to_tf32; ints: count.
 EMU_EXPORT int emu_tf32(void* const* bufs, const long long* ints, char*, int) {
   float* v = static_cast<float*>(bufs[0]);
-  for (long long i = 0; i < ints[0]; ++i) v[i] = rf::wmma::__float_to_tf32(v[i]);
+  for (long long i = 0; i < ints[0]; ++i) v[i] = rf::bits_to_float(rf::to_tf32(v[i]));
   return 0;
 }
 
