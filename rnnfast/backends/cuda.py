@@ -9,11 +9,14 @@ one runs the backward recurrence in reverse time (``rnnfast_<cell>_backward_<dt>
 gradients are GEMMs over all steps here. Each block owns ``block_h`` hidden units with all their gates and keeps that
 slice of ``W_hh`` in shared memory; :func:`plan` picks ``block_h`` so that every block is resident at once (one per
 multiprocessor), or refuses the layer when the slice does not fit; the library checks co-residency again at launch
-and refuses with the reason. Allocation, the GEMMs, validation and dispatch stay here, in Python.
+and refuses with the reason. Steps are separated by a split-phase barrier on a counter (:data:`FLAG_BARRIER`).
+:func:`forward_directions` / :func:`backward_directions` run both directions of a bidirectional layer in one launch
+each, every direction on half the multiprocessors. Allocation, the GEMMs, validation and dispatch stay here, in
+Python.
 
 float16/bfloat16/float32 layers run the recurrent products of the forward (``h_{t-1} W_hh^T``) and of the backward
-(``d_hid W_hh``) on tensor cores (mma.sync, K split over the warps, the batch in tiles of up to ``m_tile`` rows so that
-the operands fit shared memory; :data:`TENSOR_CORES`): float32 in TF32 under ``torch.backends.cudnn.allow_tf32``,
+(``d_hid W_hh``) on tensor cores (mma.sync, K split over the warps, the batch in tiles of up to ``m_tile`` rows so
+that the operands fit shared memory; :data:`TENSOR_CORES`): float32 in TF32 under ``torch.backends.cudnn.allow_tf32``,
 the switch torch.nn's RNNs obey (on by default), else in 3xTF32, about float32's accuracy. float64, and whatever does
 not fit, is FMA arithmetic with fp32 (float64: fp64) accumulation and state.
 
