@@ -783,3 +783,27 @@ def test_shared_memory_of_a_plan_is_the_library_s_own(library):
                         rc.tensor_core_smem_bytes(kind, cell, B, H, bh, size, m_tile), (cell, kind, B, H, bh, m_tile)
                     assert query(ids[cell], did, B, H, bh, 0) == size * G * bh * H
     assert library.rnnfast_forward_smem_bytes(ids["lstm"], 1, 16, 64, 1, 16) == 8 * 4 * 64  # float64: FMA only
+
+
+def test_cuda_cost_model_charges_batch_tiles_passes_and_padding():
+    """Properties of the per-step model (kernels/cost.py, a prediction): each batch tile adds a dependent L2 round
+    trip and its own MMA chain; 3xTF32 triples the MMA work; TF32 tiles are 8 wide, so a backward slice of 4 units
+    pads to 8, not 16; FMA is slower than tensor cores at the anchors."""
+    from rnnfast.kernels import cost
+
+    one = cost.cuda_kernel_step("forward", "gru", torch.bfloat16, 256, 1024, 8, True, m_tile=256)
+    six = cost.cuda_kernel_step("forward", "gru", torch.bfloat16, 256, 1024, 8, True, m_tile=48)
+    assert six["load"] - one["load"] == pytest.approx(5 * cost.L2_LATENCY_S * 1e6)
+    assert six["mma"] > one["mma"]
+    tf32 = cost.cuda_kernel_step("backward", "lstm", torch.float32, 64, 512, 4, True, m_tile=16)
+    x3 = cost.cuda_kernel_step("backward", "lstm", torch.float32, 64, 512, 4, True, m_tile=16, passes=3)
+    assert x3["mma"] == pytest.approx(3 * tf32["mma"]) and x3["load"] == tf32["load"]
+    # Throughput-bound (B=256): 4 and 8 units fill one 8-wide TF32 tile alike, 9 need two; bf16 pads 4 to 16.
+    mma = lambda dt, n: cost.cuda_kernel_step("backward", "lstm", dt, 256, 512, n, True, m_tile=256)["mma"]  # noqa
+    assert mma(torch.float32, 4) == mma(torch.float32, 8) < mma(torch.float32, 9)
+    assert mma(torch.bfloat16, 4) == mma(torch.bfloat16, 16)
+    for key, (cell, dtype, B, H) in rc.ANCHORS.items():
+        line, pred = rc.anchor_plan(cell, dtype, B, H)
+        assert "FMA" not in line, f"({key}) {line}"
+        fma = cost.cuda_kernel_step("forward", cell, dtype, B, H, int(line.split(" x ")[1].split()[0]), False)
+        assert pred["forward"]["us"] < fma["us"], key
