@@ -6,9 +6,9 @@ in its own process by :func:`bench.floor.measure_grid_barrier`, with a timeout, 
 completes cannot be stopped from inside the process that launched it. Prints the seconds on the last line.
 
 ``python -m bench.barrier --cuda`` prints instead the seconds per cooperative grid barrier of the CUDA backend
-(its ``measure_grid_barrier``, one block per SM as its layer kernels launch), ``--cuda-flag`` those of its
-split-phase barrier on a counter (what its layer kernels use by default); :func:`costs` gathers all three for the
-benchmark's JSON.
+(its ``measure_grid_barrier``, one block per SM as its layer kernels launch), ``--cuda-counter`` and
+``--cuda-flags`` those of its split-phase barriers on a counter (what its layer kernels use by default) and on one
+flag a block; :func:`costs` gathers all four for the benchmark's JSON.
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def cuda_measure_function():
     raise RuntimeError(f"no measure_grid_barrier in {' or '.join(CUDA_MODULES)}")
 
 
-def measure_cuda(flag: bool = False) -> float:
-    """Seconds per cooperative grid barrier of the CUDA backend (``flag``: per split-phase barrier)."""
+def measure_cuda(kind: str = "grid") -> float:
+    """Seconds per step barrier of the CUDA backend: the cooperative grid barrier, or ``kind`` "counter" or "flags",
+    its split-phase ones."""
     fn = cuda_measure_function()
-    return (fn(iters=2000, repeats=5, flag=True) if flag else fn(iters=2000, repeats=5)) * 1e-6
+    return (fn(iters=2000, repeats=5) if kind == "grid" else fn(iters=2000, repeats=5, kind=kind)) * 1e-6
 
 
 def _child(flag: list[str], timeout: float) -> float:
@@ -93,15 +94,15 @@ def costs(machine=None, cuda: bool = True, timeout: float = 90.0, log=print) -> 
     """Microseconds per grid barrier: ``triton`` (this module's kernel; taken from the floor model's measurement
     when ``machine`` has one) and ``cuda`` (the CUDA backend's, when ``cuda``), each in a child process with a
     timeout; a measurement that fails or hangs gives None and its reason under ``errors``."""
-    out = {"triton_us": None, "cuda_us": None, "cuda_flag_us": None, "errors": {}}
+    out = {"triton_us": None, "cuda_us": None, "cuda_counter_us": None, "cuda_flags_us": None, "errors": {}}
     known = ((machine.source if machine is not None else {}).get("handoffs_s") or {}).get("grid barrier")
     if known is not None:
         out["triton_us"] = known * 1e6
     jobs = [("triton_us", [])] if known is None else []
     if cuda:
-        jobs += [("cuda_us", ["--cuda"]), ("cuda_flag_us", ["--cuda-flag"])]
+        jobs += [("cuda_us", ["--cuda"]), ("cuda_counter_us", ["--cuda-counter"]), ("cuda_flags_us", ["--cuda-flags"])]
     else:
-        for key in ("cuda_us", "cuda_flag_us"):
+        for key in ("cuda_us", "cuda_counter_us", "cuda_flags_us"):
             out["errors"][key] = "not measured: the cuda backend is not benchmarked in this run"
     for key, flag in jobs:
         try:
@@ -119,5 +120,6 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("bench.barrier: needs a CUDA GPU")
     args = sys.argv[1:]
-    print(repr(measure_cuda(flag=True) if "--cuda-flag" in args else measure_cuda() if "--cuda" in args
-               else measure()))
+    kinds = {"--cuda": "grid", "--cuda-counter": "counter", "--cuda-flags": "flags"}
+    chosen = [kinds[a] for a in args if a in kinds]
+    print(repr(measure_cuda(chosen[0]) if chosen else measure()))

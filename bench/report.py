@@ -195,7 +195,7 @@ def _barrier(payload) -> list[str]:
     if not b:
         return []
     parts = [f"{name} {_g(b.get(f'{name}_us'))} µs" if b.get(f"{name}_us") is not None
-             else f"{name} not measured ({b.get('errors', {}).get(f'{name}_us', '?')})" for name in ("cuda", "cuda_flag", "triton")
+             else f"{name} not measured ({b.get('errors', {}).get(f'{name}_us', '?')})" for name in ("cuda", "cuda_counter", "cuda_flags", "triton")
              if f"{name}_us" in b]
     return ["## Grid barrier", "", "One grid-wide barrier with one block (program) per SM: " + "; ".join(parts) + ".",
             ""]

@@ -53,7 +53,8 @@ typedef struct {
   void* hs;             /* (T, B, H) dtype: state entering each step; the first step's slot holds h0 on entry */
   void* cs;             /* (T, B, H) acc, LSTM only; likewise c0 */
   void* hc;             /* (B, H) acc: h0 on entry, the last state on exit (each unit's own state, unrounded) */
-  void* sync;           /* uint32, zero on entry: the counter of the split-phase step barrier; null: grid.sync */
+  void* sync;           /* uint32, zero on entry: the split-phase step barrier's counter, or with sync_flags its
+                           ceil(H / block_h) flags, one a block; null: the cooperative grid.sync */
   int64_t T, B, I, H;
   int64_t block_h;      /* hidden units per block: the grid is ceil(H / block_h) blocks */
   int64_t m_tile;       /* batch rows per tensor-core product, a multiple of 16; 0: the whole batch */
@@ -62,6 +63,7 @@ typedef struct {
                            for f32); 3 3xTF32 (f32 only: about fp32's accuracy on tensor cores) */
   int32_t directions;   /* read from the first struct: 1, or 2 when the pointer is to an array of two, the two
                            directions of a bidirectional layer (same sizes), run in one launch on twice the blocks */
+  int32_t sync_flags;   /* 1: sync holds one flag a block (see sync) */
 } rnnfast_forward_params;
 
 typedef struct {
@@ -83,6 +85,7 @@ typedef struct {
   int32_t reverse;
   int32_t tensor_cores; /* as the forward's, for the recurrent product d_hid W_hh */
   int32_t directions;   /* as the forward's */
+  int32_t sync_flags;   /* as the forward's */
 } rnnfast_backward_params;
 
 RNNFAST_API int rnnfast_abi_version(void);
@@ -97,8 +100,10 @@ RNNFAST_API size_t rnnfast_forward_smem_bytes(int cell, int dtype, int64_t B, in
 RNNFAST_API size_t rnnfast_backward_smem_bytes(int cell, int dtype, int64_t B, int64_t H, int64_t block_h,
                                                int64_t m_tile);
 /* Waits on the step barrier `iters` times with `blocks` blocks: the split-phase one on *counter (uint32, zero on
- * entry), or the cooperative grid barrier when counter is null; writes iters to *passed (device memory). */
-RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, uint32_t* counter, void* stream);
+ * entry; with flags, `blocks` flags), or the cooperative grid barrier when counter is null; writes iters to *passed
+ * (device memory). */
+RNNFAST_API int rnnfast_grid_barrier(int64_t blocks, int64_t iters, int32_t* passed, uint32_t* counter, int32_t flags,
+                                     void* stream);
 
 /* cell ids and dtype ids of the two size queries */
 #define RNNFAST_CELL_RNN_TANH 0

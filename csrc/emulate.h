@@ -202,6 +202,17 @@ inline void grid_arrive(unsigned* counter) {
   sync_block();
   if (threadIdx.x == 0) ++*counter;
 }
+inline void flag_arrive(unsigned* flags, int block, unsigned n) {
+  sync_block();
+  if (threadIdx.x == 0) flags[block] = n;
+}
+inline void flag_wait(const unsigned* flags, int blocks, unsigned n) {
+  for (int b = static_cast<int>(threadIdx.x); b < blocks; b += static_cast<int>(blockDim.x)) {
+    while (flags[b] < n) detail::spin();
+    detail::progressed();
+  }
+  sync_block();
+}
 inline void grid_wait(const unsigned* counter, unsigned target) {
   if (threadIdx.x == 0) {
     while (*counter < target) detail::spin();

@@ -58,7 +58,8 @@ struct ForwardArgs {
   scalar_t* hs;  // the exchange between blocks, in the layer dtype
   acc_t* cs;
   acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
-  unsigned* sync;  // the step barrier's counter, zero at launch (step_arrive, step_wait); null: grid.sync
+  unsigned* sync;  // the step barrier's counter or flags, zero at launch (StepBarrier); null: grid.sync
+  bool sync_flags;  // sync holds one flag a block of the direction, not one counter
   int T, B, I, H, HB;
   bool reverse;
   int passes;  // 0: FMA; 1: tensor cores (the layer dtype's mma, TF32 for float32); 3: 3xTF32 (float32 only)
@@ -82,6 +83,7 @@ struct BackwardArgs {
   acc_t* dc;
   acc_t* direct;
   unsigned* sync;  // as ForwardArgs
+  bool sync_flags;
   int T, B, H, HB;
   bool reverse;
   int passes, m_tile, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
@@ -170,18 +172,28 @@ inline size_t backward_smem_bytes(size_t elem, int G, int H, int HB, int m_tile)
   return mma_smem_bytes(elem, m_tile, HB, G * H);
 }
 
-// The barrier between steps, in two halves: a block arrives once its stores that the other blocks read are done,
-// and waits before it reads theirs; between the two it may do work of its own. With a counter (sync), each of the
-// direction's `blocks` blocks adds one per step (rf::grid_arrive) and the wait of the n-th barrier is for
-// n * blocks; without one, the cooperative grid barrier, all of it in the wait (every direction of the launch takes
-// the same number of them).
-__device__ __forceinline__ void step_arrive(unsigned* sync) {
-  if (sync != nullptr) rf::grid_arrive(sync);
-}
-__device__ __forceinline__ void step_wait(const unsigned* sync, int n, int blocks) {
-  if (sync != nullptr) rf::grid_wait(sync, static_cast<unsigned>(n) * static_cast<unsigned>(blocks));
-  else rf::sync_grid();
-}
+// The barrier between steps, in two halves: a block arrives at the n-th (n from 1) once its stores that the other
+// blocks read are done, and waits before it reads theirs; between the two it may do work of its own. On a counter
+// (sync), each of the direction's `blocks` blocks adds one (rf::grid_arrive) and the wait is for n * blocks; on
+// flags (sync_flags), block blk stores n into its own flag and the wait is for every flag to reach n (no atomic,
+// so no arrivals queue on one address); without sync, the cooperative grid barrier, all of it in the wait (every
+// direction of the launch takes the same number of them).
+struct StepBarrier {
+  unsigned* sync;
+  bool flags;
+  int blk, blocks;
+
+  __device__ __forceinline__ void arrive(int n) const {
+    if (sync == nullptr) return;
+    if (flags) rf::flag_arrive(sync, blk, static_cast<unsigned>(n));
+    else rf::grid_arrive(sync);
+  }
+  __device__ __forceinline__ void wait(int n) const {
+    if (sync == nullptr) rf::sync_grid();
+    else if (flags) rf::flag_wait(sync, blocks, static_cast<unsigned>(n));
+    else rf::grid_wait(sync, static_cast<unsigned>(n) * static_cast<unsigned>(blocks));
+  }
+};
 
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int t, int b) {
   return lengths == nullptr || static_cast<int64_t>(t) < lengths[b];
@@ -460,6 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
   const int blk = blockIdx.x % launch.blocks;  // within its direction
   const ForwardArgs<scalar_t, acc_t>& p = launch.dir[blockIdx.x / launch.blocks];
+  const StepBarrier barrier{p.sync, p.sync_flags, blk, launch.blocks};
   constexpr int G = gates_of(CELL);
   // Units one warp computes together: kUnits * G sums (twice, fused) stay in registers.
   constexpr int kUnits = std::is_same_v<acc_t, double> ? 4 : 8;
@@ -509,7 +522,7 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
     const int t_next = p.reverse ? t - 1 : t + 1;  // slot of the state entering the next step
     const bool last = s == T - 1;
     // Every unit of h_{t-1} is written (the barrier's first half ended the step before).
-    if (s > 0) step_wait(p.sync, s, launch.blocks);
+    if (s > 0) barrier.wait(s);
     // The slot was written by other blocks before the barrier: read it through L2 (ld.cg), never a stale L1 line.
     const scalar_t* h_in = p.hs + t * BH;
     // This step's input part landed (this thread's copies; everyone's after the first product's block barriers).
@@ -606,7 +619,7 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
       }
     }
     // This block's units of h_t are written; the next step waits for every block's.
-    if (!last) step_arrive(p.sync);
+    if (!last) barrier.arrive(s + 1);
   }
 }
 
@@ -619,6 +632,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> launch) {
   const int blk = blockIdx.x % launch.blocks;  // within its direction
   const BackwardArgs<scalar_t, acc_t>& p = launch.dir[blockIdx.x / launch.blocks];
+  const StepBarrier barrier{p.sync, p.sync_flags, blk, launch.blocks};
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   constexpr int kUnits = 8;  // units one warp reduces together in phase B
@@ -699,8 +713,8 @@ layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> 
       p.direct[bj] = active ? direct : dh_cur;
     }
     // Phase B reads every unit's gate gradients of this step.
-    step_arrive(p.sync);
-    step_wait(p.sync, s + 1, launch.blocks);
+    barrier.arrive(s + 1);
+    barrier.wait(s + 1);
 
     // Phase B: dh_prev[b, k] = direct + sum_r d_hid[t, b, r] W_hh[r, k].
     if constexpr (kHasMma) {
@@ -818,6 +832,7 @@ bool fill_forward(const rnnfast_forward_params* a, const char* what, ForwardArgs
   p.cs = static_cast<acc_t*>(a->cs);
   p.hc = static_cast<acc_t*>(a->hc);
   p.sync = static_cast<unsigned*>(a->sync);
+  p.sync_flags = a->sync_flags != 0;
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.I = static_cast<int>(a->I);
@@ -854,6 +869,7 @@ bool fill_backward(const rnnfast_backward_params* a, const char* what,
   p.dc = static_cast<acc_t*>(a->dc);
   p.direct = static_cast<acc_t*>(a->direct);
   p.sync = static_cast<unsigned*>(a->sync);
+  p.sync_flags = a->sync_flags != 0;
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.H = static_cast<int>(a->H);

@@ -11,6 +11,8 @@
 //   rf::grid_wait(counter, n)     arrives (block barrier, then thread 0's release add) once its stores are done and
 //                                 may work on before it waits (thread 0 polls with acquire loads until the counter
 //                                 reaches n, then a block barrier); every block of the cooperative grid must arrive
+//   rf::flag_arrive(flags, b, n), the same with one flag a block instead, zero at launch: block b's thread 0 stores n
+//   rf::flag_wait(flags, m, n)    (release); the wait polls flags 0..m-1 (acquire), a thread each, until all reach n
 //   rf::shfl_xor(v, mask)         __shfl_xor_sync(0xffffffff, v, mask): all 32 lanes of the warp take part
 //   rf::ldcg(p)                   __ldcg(p): a load through L2, never a stale L1 line
 //   rf::dynamic_smem()            the block's dynamic shared memory (extern __shared__), 128-byte aligned
@@ -66,6 +68,19 @@ RF_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
 RF_DEVICE void grid_arrive(unsigned* counter) {
   __syncthreads();
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+RF_DEVICE void flag_arrive(unsigned* flags, int block, unsigned n) {
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(flags + block), "r"(n) : "memory");
+}
+RF_DEVICE void flag_wait(const unsigned* flags, int blocks, unsigned n) {
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(flags + b) : "memory");
+    } while (seen < n);
+  }
+  __syncthreads();
 }
 RF_DEVICE void grid_wait(const unsigned* counter, unsigned target) {
   if (threadIdx.x == 0) {

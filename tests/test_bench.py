@@ -565,15 +565,15 @@ def test_grid_barrier_costs(monkeypatch):
 
     monkeypatch.setattr(barrier, "_child", child)
     got = barrier.costs(None, cuda=True, log=lambda *a: None)
-    assert calls == [[], ["--cuda"], ["--cuda-flag"]] and got["triton_us"] == pytest.approx(2.0)
+    assert calls == [[], ["--cuda"], ["--cuda-counter"], ["--cuda-flags"]] and got["triton_us"] == pytest.approx(2.0)
     assert got["cuda_us"] is None and "did not load" in got["errors"]["cuda_us"]
-    assert got["cuda_flag_us"] == pytest.approx(2.0)
+    assert got["cuda_counter_us"] == got["cuda_flags_us"] == pytest.approx(2.0)
     calls.clear()
     m = floor.Machine(name="x", peak_flops={}, bandwidth=1.0, sync_s=1e-6, onchip_bytes=0,
                       source={"handoffs_s": {"grid barrier": 3e-6}})
     got = barrier.costs(m, cuda=False, log=lambda *a: None)
     assert calls == [] and got["triton_us"] == pytest.approx(3.0) and "not benchmarked" in got["errors"]["cuda_us"]
-    assert "not benchmarked" in got["errors"]["cuda_flag_us"]
+    assert "not benchmarked" in got["errors"]["cuda_counter_us"] and "not benchmarked" in got["errors"]["cuda_flags_us"]
 
 
 def test_the_cuda_barrier_is_looked_up_where_this_version_keeps_it(monkeypatch):
@@ -590,7 +590,7 @@ def test_the_cuda_barrier_is_looked_up_where_this_version_keeps_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_rnnfast_old", old)
     monkeypatch.setattr(barrier, "CUDA_MODULES", ("fake_rnnfast_missing", "fake_rnnfast_new", "fake_rnnfast_old"))
     assert barrier.cuda_measure_function() is fn
-    assert barrier.measure_cuda() == pytest.approx(1.5e-6) and barrier.measure_cuda(flag=True) == pytest.approx(1.5e-6)
+    assert barrier.measure_cuda() == pytest.approx(1.5e-6) and barrier.measure_cuda("flags") == pytest.approx(1.5e-6)
     monkeypatch.setattr(barrier, "CUDA_MODULES", ("fake_rnnfast_new",))
     with pytest.raises(RuntimeError, match="no measure_grid_barrier"):
         barrier.cuda_measure_function()

@@ -305,25 +305,28 @@ def test_no_bias_and_many_blocks(library, cell):
         assert_layer_matches(cell, torch.float32, outs, grads, ref_outs, ref_grads)
 
 
-@pytest.mark.parametrize("flag", [True, False], ids=["split-phase", "grid-sync"])
+@pytest.mark.parametrize("kind", rc.STEP_BARRIERS)
 @pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("gru", torch.float32), ("rnn_relu", torch.float64)],
                          ids=lambda v: DTYPE_IDS.get(v, str(v)))
-def test_both_step_barriers(library, cell, dtype, flag, monkeypatch, poisoned_cuda):
-    """The split-phase barrier (every block arrives once a step: the counter ends at blocks x steps) and the
-    cooperative grid barrier, forward and backward, against the float64 reference (half types: the cuDNN
-    baseline)."""
+def test_every_step_barrier(library, cell, dtype, kind, monkeypatch, poisoned_cuda):
+    """The split-phase barriers (every block arrives once a step: the counter ends at blocks x steps, every flag at
+    the steps) and the cooperative grid barrier, forward and backward, against the float64 reference (half types:
+    the cuDNN baseline)."""
     T, B, I, H = 5, 4, 6, 150
-    monkeypatch.setattr(rc, "FLAG_BARRIER", flag)
+    monkeypatch.setattr(rc, "STEP_BARRIER", kind)
     counters = []
     real = rc._barrier_counter
-    monkeypatch.setattr(rc, "_barrier_counter", lambda device: counters.append(real(device)) or counters[-1])
-    a = _inputs(cell, T, B, I, H, dtype, seed=H + flag, scale=0.5 / math.sqrt(H))
+    monkeypatch.setattr(rc, "_barrier_counter", lambda *a: counters.append(real(*a)) or counters[-1])
+    a = _inputs(cell, T, B, I, H, dtype, seed=H + len(kind), scale=0.5 / math.sqrt(H))
     up = _upstream(cell, T, B, H, dtype)
     outs, grads = _run_backend(cell, a, False, "hoisted", up)
     blocks = -(-H // rc.plan(cell, H, dtype, DEVICE)[0])
     assert blocks > 1
-    if flag:  # the forward waits between steps (T - 1 barriers), the backward within each (T)
-        assert [int(c) for c in counters] == [blocks * (T - 1), blocks * T]
+    # The forward waits between steps (T - 1 barriers), the backward within each (T).
+    if kind == "counter":
+        assert [c.tolist() for c in counters] == [[blocks * (T - 1)], [blocks * T]]
+    elif kind == "flags":
+        assert [c.tolist() for c in counters] == [[T - 1] * blocks, [T] * blocks]
     else:
         assert counters == [None, None]
     _assert_layer_correct(cell, dtype, a, False, up, outs, grads)
@@ -645,9 +648,10 @@ def test_gpu_modules_and_compile(library):
 @pytest.mark.gpu
 def test_gpu_grid_barrier_measurement(library):
     """The barrier every step pays: its cost is measured (and printed) and every block passes every barrier."""
-    us = rc.measure_grid_barrier(iters=2000, repeats=3)
-    print(f"\ngrid barrier, one block per multiprocessor: {us:.2f} us")
-    assert 0 < us < 1000
+    for kind in rc.STEP_BARRIERS:
+        us = rc.measure_grid_barrier(iters=2000, repeats=3, kind=kind)
+        print(f"\n{kind} step barrier, one block per multiprocessor: {us:.2f} us")
+        assert 0 < us < 1000
 
 
 SANITIZER_SCRIPT = textwrap.dedent("""

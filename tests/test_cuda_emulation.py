@@ -213,14 +213,17 @@ def grid_exchange_reference(n: int, rounds: int) -> np.ndarray:
     return v.astype(np.uint32)
 
 
-def grid_exchange(lib, tmp_path, blocks, threads, rounds, flag=False):
+def grid_exchange(lib, tmp_path, blocks, threads, rounds, barrier=0):
+    """barrier: 0 sync_grid, 1 the split-phase one on a counter, 2 on one flag a block."""
     n = blocks * threads
     r = run(lib, tmp_path, "sync_grid", [np.zeros(2 * n, np.uint32), np.zeros(n, np.uint32), np.zeros(1),
-                                         np.zeros(1, np.uint32)], [blocks, threads, rounds, int(flag)])
+                                         np.zeros(blocks, np.uint32)], [blocks, threads, rounds, barrier])
     assert r.rc == 0, r.error
     np.testing.assert_array_equal(r.bufs[1], grid_exchange_reference(n, rounds))
-    if flag:
+    if barrier == 1:
         assert r.bufs[3][0] == blocks * rounds, "every block arrives once a round"
+    if barrier == 2:
+        assert (r.bufs[3] == rounds).all(), "every block raises its flag once a round"
     return float(r.bufs[2][0])
 
 
@@ -230,9 +233,11 @@ def test_sync_grid_over_the_full_grid(lib, tmp_path):
     print(f"\n132 x 256 fibers, 8 grid barriers: {seconds:.2f} s")
 
 
-def test_split_phase_barrier_over_the_full_grid(lib, tmp_path):
-    # The same exchange through rf::grid_arrive / rf::grid_wait on a counter: thread 0 of each block spins.
-    seconds = grid_exchange(lib, tmp_path, 132, 256, 8, flag=True)
+@pytest.mark.parametrize("barrier", [1, 2], ids=["counter", "flags"])
+def test_split_phase_barriers_over_the_full_grid(lib, tmp_path, barrier):
+    # The same exchange through rf::grid_arrive / grid_wait on a counter (thread 0 of each block spins), or
+    # rf::flag_arrive / flag_wait on one flag a block (a thread of each block spins on each flag).
+    seconds = grid_exchange(lib, tmp_path, 132, 256, 8, barrier=barrier)
     print(f"\n132 x 256 fibers, 8 split-phase barriers: {seconds:.2f} s")
 
 
@@ -514,6 +519,7 @@ FAILURES = {
     "a stack overflow": (8, 1, 32, ["stack overflow"]),
     "block 1 never arrives at the split-phase barrier": (11, 3, 64, ["deadlock", "spin on a flag", "grid_arrive"]),
     "half a warp leaves before an mma": (12, 1, 32, ["mma_m16n8k16", "exited"]),
+    "block 1 never raises its flag": (13, 3, 64, ["deadlock", "spin on a flag"]),
 }
 
 

@@ -9,7 +9,7 @@ one runs the backward recurrence in reverse time (``rnnfast_<cell>_backward_<dt>
 gradients are GEMMs over all steps here. Each block owns ``block_h`` hidden units with all their gates and keeps that
 slice of ``W_hh`` in shared memory; :func:`plan` picks ``block_h`` so that every block is resident at once (one per
 multiprocessor), or refuses the layer when the slice does not fit; the library checks co-residency again at launch
-and refuses with the reason. Steps are separated by a split-phase barrier on a counter (:data:`FLAG_BARRIER`).
+and refuses with the reason. Steps are separated by a split-phase barrier (:data:`STEP_BARRIER`).
 :func:`forward_directions` / :func:`backward_directions` run both directions of a bidirectional layer in one launch
 each, every direction on half the multiprocessors. Allocation, the GEMMs, validation and dispatch stay here, in
 Python.
@@ -53,10 +53,13 @@ MMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tests lower it to exercise the batch tiling on small layers.
 M_TILE_LIMIT: int | None = None
 TF32, TF32X3 = 1, 3  # csrc/capi.h, tensor_cores: one TF32 pass, or three (3xTF32)
-# The barrier between steps: the split-phase one on a counter (each block arrives with a release add once its
-# stores are done, and waits by polling with acquire loads), or, when False, the cooperative grid barrier
-# (cooperative_groups grid.sync). Both keep the cooperative launch, which is what guarantees co-residency.
-FLAG_BARRIER = True
+# The barrier between steps: "counter", split-phase on one counter (each block arrives with a release add once its
+# stores are done, and waits by polling it with acquire loads); "flags", split-phase on one flag a block (a release
+# store each, no atomic; the wait polls every flag, a thread each); "grid", the cooperative grid barrier
+# (cooperative_groups grid.sync). All keep the cooperative launch, which is what guarantees co-residency. Not yet
+# measured on a GPU against each other: python -m bench.barrier --cuda / --cuda-counter / --cuda-flags.
+STEP_BARRIERS = ("counter", "flags", "grid")
+STEP_BARRIER = "counter"
 MIN_CAPABILITY = (8, 0)
 ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
@@ -74,7 +77,8 @@ class ForwardParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
                                                "c_n", "gates", "hs", "cs", "hc", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
-               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32)]
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32),
+                ("sync_flags", ctypes.c_int32)]
 
 
 class BackwardParams(ctypes.Structure):
@@ -83,7 +87,8 @@ class BackwardParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("grad_y", "w_hh", "lengths", "gates", "hs", "cs", "d_in", "d_hid",
                                                "dh", "dc", "direct", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h", "m_tile")] + \
-               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32)]
+               [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32),
+                ("sync_flags", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -255,7 +260,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rnnfast_emulated.restype = ctypes.c_int
     lib.rnnfast_last_error.restype = ctypes.c_char_p
     lib.rnnfast_grid_barrier.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p]
+                                         ctypes.c_int32, ctypes.c_void_p]
     lib.rnnfast_grid_barrier.restype = ctypes.c_int
     lib.rnnfast_forward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
     lib.rnnfast_backward_smem_bytes.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -337,10 +342,14 @@ def _tensor_core_fields(kind: str, cell: str, B: int, H: int, x: torch.Tensor, b
     return {"tensor_cores": tensor_core_mode(x.dtype) if m_tile else 0, "m_tile": m_tile}
 
 
-def _barrier_counter(device: torch.device) -> torch.Tensor | None:
-    """The split-phase barrier's counter, zeroed for one launch (it counts every block's arrivals from 0), or None
-    for the cooperative grid barrier (:data:`FLAG_BARRIER`)."""
-    return torch.zeros(1, dtype=torch.int32, device=device) if FLAG_BARRIER else None
+def _barrier_counter(device: torch.device, blocks: int) -> torch.Tensor | None:
+    """The split-phase barrier's counter, or its flags, one for each of a direction's ``blocks`` blocks, zeroed for
+    one launch (it counts from 0), or None for the cooperative grid barrier (:data:`STEP_BARRIER`)."""
+    if STEP_BARRIER not in STEP_BARRIERS:
+        raise ValueError(f"rnnfast.backends.cuda.STEP_BARRIER must be one of {STEP_BARRIERS}, got {STEP_BARRIER!r}")
+    if STEP_BARRIER == "grid":
+        return None
+    return torch.zeros(blocks if STEP_BARRIER == "flags" else 1, dtype=torch.int32, device=device)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -356,20 +365,23 @@ def _lengths(lengths, x):
 
 
 def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats: int = 5,
-                         device: torch.device | str = "cuda", flag: bool = False) -> float:
-    """Microseconds one step barrier costs with ``blocks`` blocks of 256 threads (default: one per multiprocessor,
-    as the layer kernels launch): the cooperative grid barrier, or with ``flag`` the split-phase one on a counter
-    (:data:`FLAG_BARRIER`); the median over ``repeats`` launches of ``iters`` barriers, timed with CUDA events
-    after a warm-up launch."""
+                         device: torch.device | str = "cuda", kind: str = "grid") -> float:
+    """Microseconds one step barrier of ``kind`` (:data:`STEP_BARRIERS`; default the cooperative grid barrier)
+    costs with ``blocks`` blocks of 256 threads (default: one per multiprocessor, as the layer kernels launch): the
+    median over ``repeats`` launches of ``iters`` barriers, timed with CUDA events after a warm-up launch."""
+    if kind not in STEP_BARRIERS:
+        raise ValueError(f"kind must be one of {STEP_BARRIERS}, got {kind!r}")
     lib = load_library()
     device = torch.device(device)
     blocks = blocks or torch.cuda.get_device_properties(device).multi_processor_count
     passed = torch.zeros((), dtype=torch.int32, device=device)
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    counter = torch.zeros(blocks, dtype=torch.int32, device=device)
+    flag = kind != "grid"
     times = []
 
     def launch(n, stream):
-        return lib.rnnfast_grid_barrier(blocks, n, passed.data_ptr(), counter.data_ptr() if flag else None, stream)
+        return lib.rnnfast_grid_barrier(blocks, n, passed.data_ptr(), counter.data_ptr() if flag else None,
+                                        int(kind == "flags"), stream)
 
     with torch.cuda.device(device):  # the events must record on the stream the library launches on
         stream = _stream(device)
@@ -382,9 +394,11 @@ def measure_grid_barrier(blocks: int | None = None, iters: int = 10000, repeats:
             _check(launch(iters, stream), "grid_barrier")
             end.record()
             end.synchronize()
-            if int(passed) != iters or (flag and int(counter) != blocks * iters):
-                raise RuntimeError(f"grid_barrier passed {int(passed)} barriers (counter {int(counter)}), expected "
-                                   f"{iters} ({blocks * iters if flag else 0})")
+            arrived = int(counter.sum()) if kind == "flags" else int(counter[0])
+            want = {"grid": 0, "counter": blocks * iters, "flags": blocks * iters}[kind]
+            if int(passed) != iters or arrived != want:
+                raise RuntimeError(f"grid_barrier passed {int(passed)} barriers ({arrived} arrivals), expected "
+                                   f"{iters} ({want})")
             times.append(start.elapsed_time(end) * 1000.0 / max(iters, 1))
     return sorted(times)[len(times) // 2]
 
@@ -477,13 +491,14 @@ def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, rev
         if not fused:
             gx = hoisted_input(x, w_ih, bias, ct).contiguous()
             bias = None
-        counter = _barrier_counter(dev)
+        counter = _barrier_counter(dev, -(-H // block_h))
         keep += [w_ih, w_hh, bias, b_hn, gx, counter]
         params[d] = ForwardParams(
             x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
             lengths=_ptr(lengths), y=_ptr(ys[d]), h_n=_ptr(h_n[d]), c_n=_ptr(c_n[d] if c_n is not None else None),
             gates=_ptr(gates[d]), hs=_ptr(hs[d]), cs=_ptr(cs[d] if cs is not None else None), hc=_ptr(hc[d]),
-            sync=_ptr(counter), T=T, B=B, I=I, H=H, block_h=block_h, reverse=int(rev), directions=D, **fields)
+            sync=_ptr(counter), sync_flags=int(STEP_BARRIER == "flags"), T=T, B=B, I=I, H=H, block_h=block_h,
+            reverse=int(rev), directions=D, **fields)
     fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
     with _on(dev):
         _check(fn(params, _stream(dev)), f"{cell} forward")
@@ -519,13 +534,14 @@ def backward_directions(cell, grad_y, grad_h_n, grad_c_n, x, w_ihs, w_hhs, has_b
         rev = bool(reverse) if D == 1 else d == 1
         gy = grad_y[:, :, d * H:(d + 1) * H].contiguous()
         w_hh = w_hhs[d].contiguous()
-        counter = _barrier_counter(dev)
+        counter = _barrier_counter(dev, -(-H // block_h))
         keep += [gy, w_hh, counter]
         params[d] = BackwardParams(
             grad_y=_ptr(gy), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates[d]), hs=_ptr(hs[d]),
             cs=_ptr(cs[d] if cs is not None else None), d_in=_ptr(d_in[d]), d_hid=_ptr(d_hid[d]), dh=_ptr(dh[d]),
-            dc=_ptr(dc[d] if dc is not None else None), direct=_ptr(direct[d]), sync=_ptr(counter), T=T, B=B, H=H,
-            block_h=block_h, reverse=int(rev), directions=D, **fields)
+            dc=_ptr(dc[d] if dc is not None else None), direct=_ptr(direct[d]), sync=_ptr(counter),
+            sync_flags=int(STEP_BARRIER == "flags"), T=T, B=B, H=H, block_h=block_h, reverse=int(rev), directions=D,
+            **fields)
     fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
     with _on(dev):
         _check(fn(params, _stream(dev)), f"{cell} backward")

@@ -76,6 +76,7 @@ struct GridArgs {
   uint32_t* out;
   int rounds;
   unsigned* counter;  // non-null: the split-phase barrier on it (grid_arrive, grid_wait) instead of sync_grid
+  bool flags;         // with counter: one flag a block there (flag_arrive, flag_wait)
 };
 
 __global__ void grid_exchange_kernel(GridArgs a) {
@@ -85,7 +86,10 @@ __global__ void grid_exchange_kernel(GridArgs a) {
     uint32_t* slot = a.buf + static_cast<size_t>(r & 1) * n;
     slot[gid] = v;
     // Every write of this round before any read; the other slot's readers are done too.
-    if (a.counter != nullptr) {
+    if (a.counter != nullptr && a.flags) {
+      rf::flag_arrive(a.counter, static_cast<int>(blockIdx.x), static_cast<unsigned>(r + 1));
+      rf::flag_wait(a.counter, static_cast<int>(gridDim.x), static_cast<unsigned>(r + 1));
+    } else if (a.counter != nullptr) {
       rf::grid_arrive(a.counter);
       rf::grid_wait(a.counter, static_cast<unsigned>(r + 1) * gridDim.x);
     } else {
@@ -273,6 +277,10 @@ __global__ void fail_kernel(FailArgs a) {
       rf::mma_m16n8k16<rf::bf16_t>(d, x, y);
       break;
     }
+    case 13:  // block 1 never raises its flag (a.out[0..2] are the flags)
+      if (blockIdx.x != 1) rf::flag_arrive(reinterpret_cast<unsigned*>(a.out), static_cast<int>(blockIdx.x), 1);
+      rf::flag_wait(reinterpret_cast<unsigned*>(a.out), static_cast<int>(gridDim.x), 1);
+      break;
     case 11:  // block 1 never arrives at the split-phase barrier the others wait at (a.out[0] is the counter)
       if (blockIdx.x != 1) rf::grid_arrive(reinterpret_cast<unsigned*>(a.out));
       rf::grid_wait(reinterpret_cast<unsigned*>(a.out), gridDim.x);
@@ -360,11 +368,11 @@ EMU_EXPORT int emu_tree_sum(void* const* bufs, const long long* ints, char* err,
   return report(ok, e, err, err_len);
 }
 
-// bufs: buf (uint32, 2*N), out (uint32, N), seconds (float64, 1), counter (uint32, 1); ints: blocks, threads,
-// rounds, flag (1: the split-phase barrier on counter).
+// bufs: buf (uint32, 2*N), out (uint32, N), seconds (float64, 1), counter (uint32, blocks); ints: blocks, threads,
+// rounds, barrier (0 sync_grid, 1 the split-phase one on counter[0], 2 on one flag a block).
 EMU_EXPORT int emu_sync_grid(void* const* bufs, const long long* ints, char* err, int err_len) {
   const GridArgs a{static_cast<uint32_t*>(bufs[0]), static_cast<uint32_t*>(bufs[1]), static_cast<int>(ints[2]),
-                   ints[3] != 0 ? static_cast<unsigned*>(bufs[3]) : nullptr};
+                   ints[3] != 0 ? static_cast<unsigned*>(bufs[3]) : nullptr, ints[3] == 2};
   std::string e;
   const auto t0 = std::chrono::steady_clock::now();
   const bool ok = rf::launch(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), 0,
