@@ -64,6 +64,9 @@ typedef struct {
   int32_t directions;   /* read from the first struct: 1, or 2 when the pointer is to an array of two, the two
                            directions of a bidirectional layer (same sizes), run in one launch on twice the blocks */
   int32_t sync_flags;   /* 1: sync holds one flag a block (see sync) */
+  int32_t cluster;      /* 1, or thread-block clusters of that many blocks (2 to 16, sm_90, sync needed) sharing
+                           the tensor-core A operand's reads from L2; the blocks of a direction are rounded up to a
+                           multiple of it (the extra ones own no units), and so are sync's flags */
 } rnnfast_forward_params;
 
 typedef struct {
@@ -86,6 +89,7 @@ typedef struct {
   int32_t tensor_cores; /* as the forward's, for the recurrent product d_hid W_hh */
   int32_t directions;   /* as the forward's */
   int32_t sync_flags;   /* as the forward's */
+  int32_t cluster;      /* as the forward's */
 } rnnfast_backward_params;
 
 RNNFAST_API int rnnfast_abi_version(void);

@@ -104,7 +104,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxFibers = size_t{1} << 18;
 constexpr size_t kMaxSmemTotal = size_t{1} << 30;
 
-enum class State : uint8_t { ready, running, wait_block, wait_grid, wait_warp, spin, done };
+enum class State : uint8_t { ready, running, wait_block, wait_cluster, wait_grid, wait_warp, spin, done };
 
 struct Context {
 #ifdef RF_EMU_ASM
@@ -150,6 +150,8 @@ struct Launch {
   size_t stacks_bytes = 0, stack_stride = 0;
   std::vector<Fiber> fibers;
   std::vector<Scope> block_scopes;
+  std::vector<Scope> cluster_scopes;  // blocks / cluster of them
+  unsigned cluster = 1;               // blocks a cluster
   std::vector<Warp> warps;
   Scope grid;
   std::vector<Fiber*> queue;  // ring buffer of ready fibers; each fiber is in it at most once
@@ -322,18 +324,22 @@ void check_warp_at_barrier(Fiber* self, const char* what) {
 // Exited threads can never arrive: a barrier of their scope can never complete.
 void on_exit(Fiber* self) {
   Scope& b = g->block_scopes[self->block];
+  Scope& c = g->cluster_scopes[self->block / g->cluster];
   Warp& w = g->warp_of(self);
   const std::string at = where(self) + " exited while ";
   if (b.arrived != 0)
     fail_now(at + std::to_string(b.arrived) + " threads of its block wait at sync_block, which needs every thread of "
              "the block (a sync_block it skipped?)");
+  if (c.arrived != 0)
+    fail_now(at + std::to_string(c.arrived) + " threads of its cluster wait at cluster_sync, which needs every "
+             "thread of the cluster (a cluster_sync it skipped?)");
   if (g->grid.arrived != 0)
     fail_now(at + std::to_string(g->grid.arrived) + " threads of the grid wait at sync_grid, which needs every "
              "thread of the grid (a sync_grid it skipped?)");
   if (w.arrived != 0 && g->threads % 32 == 0)
     fail_now(at + std::to_string(w.arrived) + " lanes of its warp wait at " + warp_waits_in(self) +
              ", which needs all 32 lanes");
-  for (Scope* s : {static_cast<Scope*>(&b), static_cast<Scope*>(&w), &g->grid}) {
+  for (Scope* s : {static_cast<Scope*>(&b), &c, static_cast<Scope*>(&w), &g->grid}) {
     if (s->exited++ == 0) {
       s->first_exited = self->thread;
       s->first_exited_block = self->block;
@@ -362,6 +368,7 @@ std::string ranges(const std::vector<unsigned>& ids) {
 std::string state_text(const Fiber& f) {
   switch (f.state) {
     case State::wait_block: return "wait at sync_block";
+    case State::wait_cluster: return "wait at cluster_sync";
     case State::wait_grid: return "wait at sync_grid";
     case State::wait_warp: return std::string("wait at ") + name_of(f.waits_in);
     case State::spin: return "spin on a flag (grid_wait)";
@@ -631,6 +638,41 @@ void arrive_block() {
   yield(self);
 }
 
+void arrive_cluster() {
+  Fiber* self = require_fiber("cluster_sync");
+  Scope& c = g->cluster_scopes[self->block / g->cluster];
+  if (c.exited != 0)
+    fail_now(where(self) + ": waits at cluster_sync, but " + exited_thread(c) +
+             " has exited: the barrier needs every thread of the cluster and can never complete");
+  check_warp_at_barrier(self, "cluster_sync");
+  g->spins = 0;
+  const unsigned first = self->block / g->cluster * g->cluster;
+  if (++c.arrived == g->cluster * g->threads) {
+    c.arrived = 0;
+    release(self, &g->fibers[static_cast<size_t>(first) * g->threads], static_cast<size_t>(g->cluster) * g->threads,
+            true);
+    for (unsigned w = 0; w < g->cluster * g->warps_per_block; ++w)
+      g->warps[first * g->warps_per_block + w].at_barrier = 0;
+    return;
+  }
+  ++g->warp_of(self).at_barrier;
+  self->state = State::wait_cluster;
+  yield(self);
+}
+
+unsigned cluster_size() { return g != nullptr ? g->cluster : 1; }
+
+unsigned char* map_shared(const void* p, unsigned rank) {
+  Fiber* self = require_fiber("map_shared");
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* own = g->smem_of(self->block);
+  if (c < own || c >= own + g->smem_bytes)
+    fail("map_shared: the address is not in this block's dynamic shared memory");
+  if (rank >= g->cluster)
+    fail("map_shared: rank " + std::to_string(rank) + " of a cluster of " + std::to_string(g->cluster) + " blocks");
+  return g->smem_of(self->block / g->cluster * g->cluster + rank) + (c - own);
+}
+
 void arrive_grid() {
   Fiber* self = require_fiber("sync_grid");
   if (g->grid.exited != 0)
@@ -730,8 +772,8 @@ void fail(const std::string& message) {
   fail_now(where(self) + ": " + message);
 }
 
-bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, void (*body)(void*), void* context,
-            std::string* error) {
+bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, unsigned cluster, void (*body)(void*),
+            void* context, std::string* error) {
   auto refuse = [&](const std::string& why) {
     if (error != nullptr) *error = "rf::launch: " + why;
     return false;
@@ -741,6 +783,9 @@ bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, void (*body)(v
     return refuse("an empty grid (" + std::to_string(blocks) + " blocks of " + std::to_string(threads) + " threads)");
   if (threads > kMaxThreadsPerBlock)
     return refuse(std::to_string(threads) + " threads per block, more than the 1024 a GPU allows");
+  if (cluster == 0 || cluster > 16 || blocks % cluster != 0)
+    return refuse("clusters of " + std::to_string(cluster) + " blocks must divide the grid of " +
+                  std::to_string(blocks) + " (and be 1 to 16 blocks)");
   if (static_cast<size_t>(blocks) * threads > kMaxFibers)
     return refuse(std::to_string(static_cast<size_t>(blocks) * threads) + " threads, more than the emulation's " +
                   std::to_string(kMaxFibers));
@@ -762,6 +807,8 @@ bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, void (*body)(v
       L.fibers[i].thread = static_cast<unsigned>(i % threads);
     }
     L.block_scopes.resize(blocks);
+    L.cluster = cluster;
+    L.cluster_scopes.resize(blocks / cluster);
     L.warps.resize(static_cast<size_t>(blocks) * L.warps_per_block);
     L.queue.resize(L.n);
     problem = make_smem(L);

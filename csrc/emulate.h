@@ -188,13 +188,36 @@ RF_EMU_API void progressed();
 // The current block's dynamic shared memory; null outside a launch.
 extern RF_EMU_API unsigned char* current_smem;
 
-RF_EMU_API bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, void (*body)(void*), void* context,
+// Thread-block clusters (1-D, `cluster` consecutive blocks): their barrier, their size, and the address in block
+// `rank` of the cluster of what p is in this block's dynamic shared memory (distributed shared memory).
+RF_EMU_API void arrive_cluster();
+RF_EMU_API unsigned cluster_size();
+RF_EMU_API unsigned char* map_shared(const void* p, unsigned rank);
+
+RF_EMU_API bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, unsigned cluster, void (*body)(void*),
+                       void* context,
                        std::string* error);
 
 }  // namespace detail
 
 inline void sync_block() { detail::arrive_block(); }
 inline void sync_grid() { detail::arrive_grid(); }
+inline void cluster_sync() { detail::arrive_cluster(); }
+inline unsigned cluster_rank() { return blockIdx.x % detail::cluster_size(); }
+template <typename T>
+inline T* map_shared(T* p, unsigned rank) {
+  return reinterpret_cast<T*>(detail::map_shared(p, rank));
+}
+
+// 16 bytes, the unit of the wide copies (uint4 on the GPU).
+struct alignas(16) vec16 {
+  uint32_t x, y, z, w;
+};
+inline vec16 ldcg16(const void* p) {
+  vec16 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
 
 // The split-phase grid barrier (primitives.cuh): stores are visible at once here, so the release and acquire are
 // plain; thread 0 of each block spins, yielding, until the counter reaches the target.
@@ -354,10 +377,16 @@ inline void cp_async_wait_all() {}
 // Returns false with the reason in *error (when error is not null) if the launch is refused or a check fails.
 // One launch at a time per process; a launch from inside a kernel is refused.
 template <typename F>
-inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, F&& body, std::string* error) {
+inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, unsigned cluster, F&& body,
+                   std::string* error) {
   auto call = [&body] { body(); };
   using Call = decltype(call);
-  return detail::launch(blocks, threads, smem_bytes, [](void* c) { (*static_cast<Call*>(c))(); }, &call, error);
+  return detail::launch(blocks, threads, smem_bytes, cluster, [](void* c) { (*static_cast<Call*>(c))(); }, &call,
+                        error);
+}
+template <typename F>
+inline bool launch(unsigned blocks, unsigned threads, size_t smem_bytes, F&& body, std::string* error) {
+  return launch(blocks, threads, smem_bytes, 1, static_cast<F&&>(body), error);
 }
 
 

@@ -17,6 +17,9 @@
 // other product (float64, the fused input part, what does not fit) is a plain FMA loop, one warp per (sequence,
 // chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
 //
+// Thread-block clusters (cluster > 1, sm_90, a plan switch): the blocks of a cluster stage each tensor-core tile
+// together, each reading its share from L2 and storing it into every block of the cluster (mma_recurrent_product).
+//
 // Per step and block (forward, tensor cores): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time) and
 // B x G*HB of the hoisted input (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops (3x for 3xTF32), write B x HB of h,
 // y and the gates, one grid barrier.
@@ -60,6 +63,7 @@ struct ForwardArgs {
   acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
   unsigned* sync;  // the step barrier's counter or flags, zero at launch (StepBarrier); null: grid.sync
   bool sync_flags;  // sync holds one flag a block of the direction, not one counter
+  int cluster;  // blocks a thread-block cluster, sharing the tensor-core A operand's reads (1: no clusters)
   int T, B, I, H, HB;
   bool reverse;
   int passes;  // 0: FMA; 1: tensor cores (the layer dtype's mma, TF32 for float32); 3: 3xTF32 (float32 only)
@@ -84,6 +88,7 @@ struct BackwardArgs {
   acc_t* direct;
   unsigned* sync;  // as ForwardArgs
   bool sync_flags;
+  int cluster;
   int T, B, H, HB;
   bool reverse;
   int passes, m_tile, n_pad, k_pad, k_ld, splits;  // as ForwardArgs, for M = B, N = HB, K = G*H
@@ -240,9 +245,14 @@ __device__ __forceinline__ void tf32_mma(float (&d)[4], const float (&av)[4], co
 // partial products [splits][m_tile][n_pad] after that (mma_sum adds them up). Ends with a block barrier, so the
 // product is ready for every thread; the barrier after staging a also orders the previous tile's reads of prod
 // before this tile's stores. Columns k_pad..k_ld-1 are never read.
+//
+// In a thread-block cluster (cluster > 1), the blocks stage the same tile: each loads its share of the 16-byte
+// chunks from L2 once and stores them into every block of the cluster (distributed shared memory), so that the
+// cluster reads the tile from L2 once instead of once a block; a cluster barrier before (every block is done with
+// the previous tile) and one after (every chunk has landed everywhere).
 template <typename scalar_t, typename in_t>
 __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m0, int m_tile,
-                                      int n_pad, int k_pad, int k_ld, int splits, int passes) {
+                                      int n_pad, int k_pad, int k_ld, int splits, int passes, int cluster) {
   using st_t = typename Mma<scalar_t>::st_t;
   constexpr int kK = Mma<scalar_t>::kK;
   const st_t* wt = reinterpret_cast<const st_t*>(smem);
@@ -251,7 +261,19 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
   // Through L2 only (cp.async.cg, ld.cg), never a stale L1 line. Rows of 16-byte multiples, 16-byte aligned: 16-byte
   // asynchronous copies, consecutive threads on consecutive chunks of a row; else one warp per row, an element a lane.
   constexpr int kVec = 16 / sizeof(st_t);
-  if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0) {
+  if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 && cluster > 1) {
+    const int row_vecs = k_pad / kVec;
+    rf::cluster_sync();
+    const int rank = static_cast<int>(rf::cluster_rank());
+    for (int idx = rank * blockDim.x + threadIdx.x; idx < m_tile * row_vecs; idx += cluster * blockDim.x) {
+      const int m = idx / row_vecs, v = idx % row_vecs, row = m0 + m;
+      rf::vec16* dst = reinterpret_cast<rf::vec16*>(at + static_cast<size_t>(m) * k_ld + v * kVec);
+      rf::vec16 chunk = {};
+      if (row < M && v * kVec < K) chunk = rf::ldcg16(a + static_cast<int64_t>(row) * K + v * kVec);
+      for (int r = 0; r < cluster; ++r) *rf::map_shared(dst, static_cast<unsigned>(r)) = chunk;
+    }
+    rf::cluster_sync();
+  } else if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0) {
     const int row_vecs = k_pad / kVec;
     for (int idx = threadIdx.x; idx < m_tile * row_vecs; idx += blockDim.x) {
       const int m = idx / row_vecs, v = idx % row_vecs, row = m0 + m;
@@ -484,7 +506,7 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
 
   const int T = p.T, B = p.B, I = p.I, H = p.H, HB = p.HB;
   const int j0 = blk * HB;
-  const int nj = rf::imin(HB, H - j0);
+  const int nj = rf::imax(0, rf::imin(HB, H - j0));  // 0 in the blocks that only round the grid up to clusters
   const int64_t BH = static_cast<int64_t>(B) * H;
   using st_t = typename Mma<scalar_t>::st_t;
   constexpr bool kHasMma = !std::is_void_v<st_t>;
@@ -532,7 +554,7 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
       if constexpr (kHasMma) {
         if (tc) {
           mma_recurrent_product<scalar_t>(h_in, smem_raw, B, H, b0, p.m_tile, p.n_pad, p.k_pad, p.k_ld, p.splits,
-                                          p.passes);
+                                          p.passes, p.cluster);
           if (hoisted) {
             // The next step's input part, into the other buffer (last read two steps ago), while this one ends;
             // after the last tile's staging, whose wait for its own copies would otherwise wait for these too.
@@ -643,7 +665,7 @@ layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> 
 
   const int T = p.T, B = p.B, H = p.H, HB = p.HB;
   const int k0 = blk * HB;
-  const int nk = rf::imin(HB, H - k0);
+  const int nk = rf::imax(0, rf::imin(HB, H - k0));  // 0 in the blocks that only round the grid up to clusters
   const int GH = G * H;
   const int64_t BH = static_cast<int64_t>(B) * H;
   using st_t = typename Mma<scalar_t>::st_t;
@@ -722,7 +744,7 @@ layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> 
         // On tensor cores, one m_tile-row batch tile at a time, then one thread per (sequence, own unit).
         for (int b0 = 0; b0 < B; b0 += p.m_tile) {
           mma_recurrent_product<scalar_t>(p.d_hid + static_cast<int64_t>(t) * B * GH, smem_raw, B, GH, b0, p.m_tile,
-                                          p.n_pad, p.k_pad, p.k_ld, p.splits, p.passes);
+                                          p.n_pad, p.k_pad, p.k_ld, p.splits, p.passes, p.cluster);
           for (int item = threadIdx.x; item < (rf::imin(B, b0 + p.m_tile) - b0) * nk; item += blockDim.x) {
             const int b = b0 + item / nk, kl = item % nk;
             const int64_t bk = static_cast<int64_t>(b) * H + k0 + kl;
@@ -833,6 +855,7 @@ bool fill_forward(const rnnfast_forward_params* a, const char* what, ForwardArgs
   p.hc = static_cast<acc_t*>(a->hc);
   p.sync = static_cast<unsigned*>(a->sync);
   p.sync_flags = a->sync_flags != 0;
+  p.cluster = a->cluster;
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.I = static_cast<int>(a->I);
@@ -870,6 +893,7 @@ bool fill_backward(const rnnfast_backward_params* a, const char* what,
   p.direct = static_cast<acc_t*>(a->direct);
   p.sync = static_cast<unsigned*>(a->sync);
   p.sync_flags = a->sync_flags != 0;
+  p.cluster = a->cluster;
   p.T = static_cast<int>(a->T);
   p.B = static_cast<int>(a->B);
   p.H = static_cast<int>(a->H);
@@ -895,8 +919,12 @@ bool check_directions(const Params* a, const char* what, bool* empty) {
     if (q.T < 0 || q.B < 0 || q.H < 0 || q.block_h < 1)
       return refuse(what, "sizes must be non-negative and block_h at least 1");
     if (q.T != a->T || q.B != a->B || q.H != a->H || q.block_h != a->block_h || q.m_tile != a->m_tile ||
-        q.tensor_cores != a->tensor_cores)
-      return refuse(what, "both directions of one launch need the same sizes, block_h, m_tile and tensor_cores");
+        q.tensor_cores != a->tensor_cores || q.cluster != a->cluster)
+      return refuse(what, "both directions of one launch need the same sizes, block_h, m_tile, tensor_cores and "
+                          "cluster");
+    if (q.cluster < 1 || q.cluster > 16) return refuse(what, "cluster must be 1 to 16 blocks");
+    if (q.cluster > 1 && q.sync == nullptr)
+      return refuse(what, "clusters need the split-phase step barrier (sync): a cluster launch is not cooperative");
   }
   *empty = a->B == 0 || a->H == 0 || a->T == 0;
   return true;
@@ -914,11 +942,11 @@ int launch_forward(const rnnfast_forward_params* a, void* stream, const char* wh
   for (int d = 0; d < a->directions; ++d)
     if (!fill_forward<scalar_t, CELL>(a + d, what, &launch.dir[d])) return RNNFAST_INVALID;
   const ForwardArgs<scalar_t, acc_t>& p = launch.dir[0];
-  launch.blocks = static_cast<int>(ceil_div(p.H, p.HB));
+  launch.blocks = static_cast<int>(ceil_div(ceil_div(p.H, p.HB), p.cluster) * p.cluster);
   const size_t smem = forward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.B, p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_forward_kernel<scalar_t, acc_t, CELL>, launch,
                                 static_cast<int64_t>(launch.blocks) * a->directions, kThreads, smem, stream, what,
-                                &last_error());
+                                &last_error(), p.cluster);
 }
 
 // One backward-recurrence launch from the C parameters.
@@ -932,11 +960,11 @@ int launch_backward(const rnnfast_backward_params* a, void* stream, const char* 
   for (int d = 0; d < a->directions; ++d)
     if (!fill_backward<scalar_t, CELL>(a + d, what, &launch.dir[d])) return RNNFAST_INVALID;
   const BackwardArgs<scalar_t, acc_t>& p = launch.dir[0];
-  launch.blocks = static_cast<int>(ceil_div(p.H, p.HB));
+  launch.blocks = static_cast<int>(ceil_div(ceil_div(p.H, p.HB), p.cluster) * p.cluster);
   const size_t smem = backward_smem_bytes(sizeof(scalar_t), gates_of(CELL), p.H, p.HB, p.passes ? p.m_tile : 0);
   return rf::launch_cooperative(&layer_backward_recurrent_kernel<scalar_t, acc_t, CELL>, launch,
                                 static_cast<int64_t>(launch.blocks) * a->directions, kThreads, smem, stream, what,
-                                &last_error());
+                                &last_error(), p.cluster);
 }
 
 }  // namespace rnnfast_cuda

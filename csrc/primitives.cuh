@@ -26,7 +26,12 @@
 //   rf::mma_m16n8k8_tf32(d, a, b) mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32; rf::to_tf32(v) is
 //                                 cvt.rna.tf32.f32 (the TF32 bits of v, rounded to nearest, ties away),
 //                                 rf::bits_to_float its float
-//   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below)
+//   rf::cluster_sync(),           thread-block clusters (sm_90): the cluster's barrier (release/acquire at cluster
+//   rf::cluster_rank(),           scope), the block's rank in it, and the address in block `rank` of the cluster of
+//   rf::map_shared(p, rank)       what p is in this block's shared memory (distributed shared memory)
+//   rf::vec16, rf::ldcg16(p)      16 bytes (uint4), loaded through L2
+//   rf::launch_cooperative(...)   a cooperative launch with its co-residency checks (below); with clusters of more
+//                                 than one block, a cluster launch whose clusters must all be resident at once
 //
 // Under RNNFAST_EMULATE the CUDA qualifiers are defined away, threadIdx/blockIdx/blockDim/gridDim are variables the
 // fiber scheduler (emulate.cpp) sets for the thread it resumes, every thread of the grid is a fiber, and the
@@ -63,6 +68,31 @@ RF_DEVICE double tanh_(double v) { return tanh(v); }
 
 RF_DEVICE void sync_block() { __syncthreads(); }
 RF_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
+// Clusters exist from sm_90 on; the launch refuses them on an older GPU, so these never run there.
+RF_DEVICE void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+RF_DEVICE unsigned cluster_rank() {
+#if __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+template <typename T>
+RF_DEVICE T* map_shared(T* p, unsigned rank) {
+#if __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  return rank == 0 ? p : nullptr;
+#endif
+}
+using vec16 = uint4;
+RF_DEVICE vec16 ldcg16(const void* p) { return __ldcg(static_cast<const uint4*>(p)); }
 // The block barrier orders every thread's stores before thread 0's release (release is cumulative), so a block that
 // sees the count with an acquire load and then passes its own block barrier sees them all.
 RF_DEVICE void grid_arrive(unsigned* counter) {
@@ -156,12 +186,51 @@ RF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "me
 
 // A cooperative launch of `blocks` x `threads`, refused with the reason (RNNFAST_REFUSED) when the blocks cannot
 // all be resident at once, which the grid barrier needs: the launch itself would fail, or worse, hang.
+//
+// With cluster > 1 (clusters of that many consecutive blocks, sm_90) the launch is a cluster launch instead, not
+// cooperative (the kernels then synchronise through their split-phase barrier, never grid.sync): refused unless
+// the GPU can hold every cluster at once.
 template <typename Args>
 inline int launch_cooperative(void (*kernel)(Args), const Args& p, int64_t blocks, int threads, size_t smem,
-                              void* stream, const char* what, std::string* error) {
+                              void* stream, const char* what, std::string* error, int cluster = 1) {
   const void* fn = reinterpret_cast<const void*>(kernel);
   int dev = 0, coop = 0, optin = 0, sms = 0;
   RF_CUDA_TRY(cudaGetDevice(&dev));
+  if (cluster > 1) {
+    int major = 0;
+    RF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    RF_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (major < 9 || blocks % cluster != 0 || smem > static_cast<size_t>(optin)) {
+      *error = std::string(what) + ": clusters of " + std::to_string(cluster) + " blocks need an sm_90 GPU, a grid " +
+               "they divide and shared memory the GPU has";
+      return RNNFAST_REFUSED;
+    }
+    RF_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    if (cluster > 8) RF_CUDA_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = static_cast<cudaStream_t>(stream);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    RF_CUDA_TRY(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    if (static_cast<int64_t>(clusters) * cluster < blocks) {
+      *error = std::string(what) + ": " + std::to_string(blocks / cluster) + " clusters of " +
+               std::to_string(cluster) + " blocks must be resident at once for the step barrier, but this GPU holds " +
+               std::to_string(clusters);
+      return RNNFAST_REFUSED;
+    }
+    RF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p));
+    RF_CUDA_TRY(cudaGetLastError());
+    return RNNFAST_OK;
+  }
   RF_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
   RF_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   RF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -208,7 +277,7 @@ constexpr int kEmulated = 1;
 
 template <typename Args>
 inline int launch_cooperative(void (*kernel)(Args), const Args& p, int64_t blocks, int threads, size_t smem,
-                              void* /*stream*/, const char* what, std::string* error) {
+                              void* /*stream*/, const char* what, std::string* error, int cluster = 1) {
   if (smem > kEmulatedSmemOptin) {
     *error = std::string(what) + ": one block needs " + std::to_string(smem) + " bytes of shared memory but the "
              "emulated GPU allows " + std::to_string(kEmulatedSmemOptin) + " per block (hidden size too large)";
@@ -219,8 +288,8 @@ inline int launch_cooperative(void (*kernel)(Args), const Args& p, int64_t block
              "barrier, but the emulated GPU holds 1 x " + std::to_string(kEmulatedSMs);
     return RNNFAST_REFUSED;
   }
-  const bool ok = launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads), smem, [&] { kernel(p); },
-                         error);
+  const bool ok = launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads), smem,
+                         static_cast<unsigned>(cluster), [&] { kernel(p); }, error);
   if (!ok) *error = std::string(what) + ": " + *error;
   return ok ? RNNFAST_OK : RNNFAST_EMULATION_ERROR;
 }
@@ -238,6 +307,7 @@ template <typename T>
 using acc_t = typename acc<T>::type;
 
 RF_HOST_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+RF_HOST_DEVICE int imax(int a, int b) { return a > b ? a : b; }
 template <typename T>
 RF_HOST_DEVICE float to_float(T v) { return static_cast<float>(v); }
 RF_DEVICE void from_float(float v, half_t* out) { *out = half_t(v); }

@@ -35,6 +35,7 @@ MMA_LATENCY_CYCLES = 32  # one dependent mma.sync m16n8k16 (16-bit or TF32 per k
 MMA_FLOPS_PER_SM = {torch.bfloat16: 3.7e12, torch.float16: 3.7e12, torch.float32: 1.85e12, torch.float64: 0.25e12}
 EPILOGUE_CYCLES = 400  # activations (exp), the where/select of lengths, 4-6 stores
 GRID_BARRIER_S = 1.0e-6  # release + acquire-polling of one counter by every program of a tile
+CLUSTER_BARRIER_S = 0.2e-6  # one thread-block cluster barrier (barrier.cluster arrive + wait), an assumption
 STEP_LAUNCH_S = 5.0e-6  # one kernel launch per step from Python
 
 
@@ -82,12 +83,14 @@ FMA_EFFICIENCY = 0.25  # the FMA loops' share of that peak: shared-memory operan
 
 
 def cuda_kernel_step(kind: str, cell: str, dtype: torch.dtype, B: int, H: int, block_h: int, tensor_cores: bool,
-                     sms: int = 132, hoisted: bool = True, m_tile: int = 0, passes: int = 1) -> dict:
+                     sms: int = 132, hoisted: bool = True, m_tile: int = 0, passes: int = 1, cluster: int = 1) -> dict:
     """Predicted µs of one step of the CUDA library's persistent kernels (csrc/layer.cuh): ``ceil(H / block_h)``
     blocks, one a multiprocessor, each with the whole batch; the A operand (``h_{t-1}``, or the step's gate
     gradients backward, in the layer dtype) read from L2 each step, in batch tiles of ``m_tile`` rows (0: one tile),
     each tile's rows staged before its product (a dependent L2 round trip per tile); the product on mma.sync (K split
-    over 8 warps; float32 in TF32, ``passes`` 3 for 3xTF32) or FMA; one grid barrier. The same four parts as
+    over 8 warps; float32 in TF32, ``passes`` 3 for 3xTF32) or FMA; one grid barrier. With ``cluster`` > 1 (tensor
+    cores only) each tile is read from L2 once a cluster, not once a block, for two cluster barriers a tile (the
+    blocks still take in the whole tile, through distributed shared memory). The same four parts as
     :func:`kernel_step`."""
     G = GATES[cell]
     es = torch.empty((), dtype=dtype).element_size()
@@ -102,8 +105,10 @@ def cuda_kernel_step(kind: str, cell: str, dtype: torch.dtype, B: int, H: int, b
     n_pad = math.ceil(N / width) * width
     m_tile = min(m_tile or m_pad, m_pad)
     batch_tiles = math.ceil(m_pad / m_tile) if tensor_cores else 1
-    load = batch_tiles * L2_LATENCY_S + max(blocks * program_bytes / L2_BYTES_PER_S,
-                                            program_bytes / SM_L2_BYTES_PER_S)
+    cluster = cluster if tensor_cores else 1
+    l2_bytes = blocks * (B * K * es / cluster + in_bytes)  # a cluster reads the exchanged tile from L2 once
+    load = batch_tiles * (L2_LATENCY_S + (2 * CLUSTER_BARRIER_S if cluster > 1 else 0.0)) + max(
+        l2_bytes / L2_BYTES_PER_S, program_bytes / SM_L2_BYTES_PER_S)
     if tensor_cores:
         tiles = (m_tile // 16) * (n_pad // width)
         depth = 8 if dtype == torch.float32 else 16

@@ -357,6 +357,10 @@ def print_report(library: str) -> None:
         for kind, pred in predicted.items():
             parts = " + ".join(f"{k} {pred[k]:.2f}" for k in ("load", "mma", "epilogue", "sync"))
             print(f"      {kind}: predicted {pred['us']:.2f} us/step ({parts}; a model, not measured)")
+        _, clustered = cuda.anchor_plan(cell, dtype, B, H, cluster=4)
+        if clustered:
+            print("      with CLUSTER = 4 (a switch, off until measured): predicted " +
+                  ", ".join(f"{kind} {pred['us']:.2f}" for kind, pred in clustered.items()) + " us/step")
 
 
 def main(argv: list[str] | None = None) -> int:

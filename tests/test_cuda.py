@@ -208,7 +208,7 @@ def test_library_refuses_what_cannot_be_co_resident(library):
     def params(block_h):
         return rc.ForwardParams(gx=gx.data_ptr(), w_hh=a["w_hh"].data_ptr(), y=y.data_ptr(), h_n=h_n.data_ptr(),
                                 gates=ws.data_ptr(), hs=ws[T * B * H:].data_ptr(), hc=hc.data_ptr(), T=T, B=B, I=1,
-                                H=H, block_h=block_h)
+                                H=H, block_h=block_h, directions=1, cluster=1)
 
     fn = library.rnnfast_rnn_tanh_forward_f32
     with pytest.raises(backends.BackendUnavailableError, match="must be resident at once"):
@@ -332,6 +332,30 @@ def test_every_step_barrier(library, cell, dtype, kind, monkeypatch, poisoned_cu
     _assert_layer_correct(cell, dtype, a, False, up, outs, grads)
 
 
+@pytest.mark.parametrize("cluster,kind", [(2, "counter"), (8, "flags")])
+@pytest.mark.parametrize("cell,dtype,mode", [("lstm", torch.bfloat16, "hoisted"), ("gru", torch.float32, "fused"),
+                                             ("rnn_tanh", torch.float16, "hoisted")],
+                         ids=lambda v: DTYPE_IDS.get(v, str(v)))
+def test_clusters_share_the_tensor_core_operand(library, cell, dtype, mode, cluster, kind, monkeypatch,
+                                                poisoned_cuda):
+    """CLUSTER > 1: the blocks of a cluster stage each batch tile (three of 16 rows) from their shares of the L2 reads,
+    forward and backward; H=152 makes 76 blocks, rounded up to whole clusters by blocks that own no units. Half types
+    within the cuDNN baseline, float32 (3xTF32) within its tolerance; clusters with the grid barrier are refused."""
+    T, B, I, H = 3, 37, 5, 152
+    monkeypatch.setattr(rc, "M_TILE_LIMIT", 16)
+    monkeypatch.setattr(rc, "CLUSTER", cluster)
+    monkeypatch.setattr(rc, "STEP_BARRIER", kind)
+    block_h = rc.plan(cell, H, dtype, DEVICE)[0]
+    assert rc._launch_blocks(H, block_h) % cluster == 0 and rc._launch_blocks(H, block_h) > -(-H // block_h) - 1
+    a = _inputs(cell, T, B, I, H, dtype, seed=cluster + H, scale=0.5 / math.sqrt(H))
+    up = _upstream(cell, T, B, H, dtype)
+    outs, grads = _run_backend(cell, a, cell == "gru", mode, up)
+    _assert_layer_correct(cell, dtype, a, cell == "gru", up, outs, grads)
+    monkeypatch.setattr(rc, "STEP_BARRIER", "grid")
+    with pytest.raises(ValueError, match="clusters need a split-phase"):
+        _run_backend(cell, a, False, mode, up)
+
+
 # -- both directions of a bidirectional layer in one launch --------------------------------------------------------
 
 def _launches(monkeypatch):
@@ -394,7 +418,7 @@ def test_both_directions_in_one_launch_match_the_reference(library, cell, dtype,
 def test_library_refuses_directions_of_different_shapes(library):
     """Two directions of one launch must agree; a third is refused."""
     def params(**kw):
-        base = dict(T=2, B=1, I=1, H=4, block_h=1, directions=2)
+        base = dict(T=2, B=1, I=1, H=4, block_h=1, directions=2, cluster=1)
         return rc.ForwardParams(**{**base, **kw})
     for second, needle in ((dict(H=5), "same sizes"), (dict(block_h=2), "same sizes")):
         pair = (rc.ForwardParams * 2)(params(), params(**second))
@@ -799,6 +823,9 @@ def test_cuda_cost_model_charges_batch_tiles_passes_and_padding():
     six = cost.cuda_kernel_step("forward", "gru", torch.bfloat16, 256, 1024, 8, True, m_tile=48)
     assert six["load"] - one["load"] == pytest.approx(5 * cost.L2_LATENCY_S * 1e6)
     assert six["mma"] > one["mma"]
+    # A cluster reads each tile from L2 once: less load at (c), for two cluster barriers a tile.
+    four = cost.cuda_kernel_step("forward", "gru", torch.bfloat16, 256, 1024, 8, True, m_tile=48, cluster=4)
+    assert four["load"] < six["load"] and four["mma"] == six["mma"]
     tf32 = cost.cuda_kernel_step("backward", "lstm", torch.float32, 64, 512, 4, True, m_tile=16)
     x3 = cost.cuda_kernel_step("backward", "lstm", torch.float32, 64, 512, 4, True, m_tile=16, passes=3)
     assert x3["mma"] == pytest.approx(3 * tf32["mma"]) and x3["load"] == tf32["load"]

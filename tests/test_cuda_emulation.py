@@ -248,6 +248,28 @@ def test_a_grid_of_more_than_32k_threads_runs(lib, tmp_path):
     assert seconds < 30, "the scheduler is far slower than it should be (about 0.5 s here)"
 
 
+# --------------------------------------------------------------------------------------------- clusters ---
+
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+def test_blocks_of_a_cluster_write_each_others_shared_memory(lib, tmp_path, cluster):
+    """map_shared reaches the same place in every block of the cluster, and cluster_sync orders those writes
+    before the reads: every block sees the index of each block of its own cluster in that block's rank's slot."""
+    blocks, threads = 16, 64
+    r = run(lib, tmp_path, "cluster", [np.full(blocks * cluster, -1, np.int32)], [blocks, threads, cluster, 0])
+    assert r.rc == 0, r.error
+    b = np.arange(blocks)[:, None]
+    np.testing.assert_array_equal(r.bufs[0].reshape(blocks, cluster), b // cluster * cluster + np.arange(cluster))
+
+
+def test_cluster_failures_are_reported(lib, tmp_path):
+    r = run(lib, tmp_path, "cluster", [np.zeros(8, np.int32)], [4, 32, 2, 1])  # block 1 leaves before the barrier
+    assert_fails(r, "cluster_sync")
+    r = run(lib, tmp_path, "cluster", [np.zeros(8, np.int32)], [4, 32, 2, 2])  # rank 2 of a cluster of 2
+    assert_fails(r, "map_shared: rank 2 of a cluster of 2 blocks")
+    r = run(lib, tmp_path, "cluster", [np.zeros(9, np.int32)], [3, 32, 2, 0])  # 3 blocks in clusters of 2
+    assert_fails(r, "clusters of 2 blocks must divide the grid of 3")
+
+
 # --------------------------------------------------------------------------------------------- shfl_xor ---
 
 def butterfly(v: np.ndarray) -> np.ndarray:

@@ -60,6 +60,11 @@ TF32, TF32X3 = 1, 3  # csrc/capi.h, tensor_cores: one TF32 pass, or three (3xTF3
 # measured on a GPU against each other: python -m bench.barrier --cuda / --cuda-counter / --cuda-flags.
 STEP_BARRIERS = ("counter", "flags", "grid")
 STEP_BARRIER = "counter"
+# Thread-block clusters (sm_90) of this many blocks share the tensor-core A operand's reads: each block loads its
+# share of the tile from L2 once and stores it into every block of the cluster (distributed shared memory), cutting
+# the L2 traffic of h (backward: of the gate gradients) by this factor. 1: no clusters. A plan switch, off until a GPU
+# has measured it; needs a split-phase STEP_BARRIER (a cluster launch is not cooperative).
+CLUSTER = 1
 MIN_CAPABILITY = (8, 0)
 ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
@@ -78,7 +83,7 @@ class ForwardParams(ctypes.Structure):
                                                "c_n", "gates", "hs", "cs", "hc", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32),
-                ("sync_flags", ctypes.c_int32)]
+                ("sync_flags", ctypes.c_int32), ("cluster", ctypes.c_int32)]
 
 
 class BackwardParams(ctypes.Structure):
@@ -88,7 +93,7 @@ class BackwardParams(ctypes.Structure):
                                                "dh", "dc", "direct", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32),
-                ("sync_flags", ctypes.c_int32)]
+                ("sync_flags", ctypes.c_int32), ("cluster", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -146,7 +151,7 @@ def plan(cell: str, H: int, dtype: torch.dtype, device: torch.device, dirs: int 
 
 def _plan(cell: str, H: int, dtype: torch.dtype, sms: int, limit: int, gpu: str,
           dirs: int = 1) -> tuple[int, str | None]:
-    blocks = sms // dirs
+    blocks = sms // dirs // CLUSTER * CLUSTER  # a whole number of clusters a direction
     block_h = max(1, -(-H // blocks))
     need = GATES[cell] * block_h * H * _ITEMSIZE[dtype]
     if need > limit:
@@ -227,11 +232,12 @@ ANCHORS = {"a": ("lstm", torch.bfloat16, 16, 768), "b": ("lstm", torch.float32, 
 H100 = (132, 232448)  # multiprocessors, shared memory bytes a block (opt-in)
 
 
-def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> tuple[str, dict]:
+def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100, cluster: int = 1) -> tuple[str, dict]:
     """What the backend does with a layer on a GPU of ``device = (multiprocessors, shared bytes a block)``: a line
     naming the blocks, units a block, and which recurrent products run on tensor cores (or the refusal), and the
     per-step cost model's prediction for it (:func:`rnnfast.kernels.cost.cuda_kernel_step`), ``{kind: {us, load,
-    mma, epilogue, sync}}``, empty when the layer is refused."""
+    mma, epilogue, sync}}``, empty when the layer is refused; ``cluster``: with :data:`CLUSTER` that large (the
+    plan's units a block as without; its blocks rounded up to whole clusters)."""
     from ..kernels import cost
 
     sms, limit = device
@@ -251,7 +257,8 @@ def anchor_plan(cell: str, dtype: torch.dtype, B: int, H: int, device=H100) -> t
                         + (f", {tiles} batch tiles of {m_tile} rows)" if tiles > 1 else ")"))
         else:
             line.append(f"{kind} FMA")
-        predicted[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, bool(m_tile), sms, m_tile=m_tile)
+        predicted[kind] = cost.cuda_kernel_step(kind, cell, dtype, B, H, block_h, bool(m_tile), sms, m_tile=m_tile,
+                                                cluster=cluster)
     return ", ".join(line), predicted
 
 
@@ -342,11 +349,19 @@ def _tensor_core_fields(kind: str, cell: str, B: int, H: int, x: torch.Tensor, b
     return {"tensor_cores": tensor_core_mode(x.dtype) if m_tile else 0, "m_tile": m_tile}
 
 
+def _launch_blocks(H: int, block_h: int) -> int:
+    """Blocks a direction launches: one a block_h units, rounded up to whole clusters (:data:`CLUSTER`)."""
+    return -(-(-(-H // block_h)) // CLUSTER) * CLUSTER
+
+
 def _barrier_counter(device: torch.device, blocks: int) -> torch.Tensor | None:
     """The split-phase barrier's counter, or its flags, one for each of a direction's ``blocks`` blocks, zeroed for
     one launch (it counts from 0), or None for the cooperative grid barrier (:data:`STEP_BARRIER`)."""
     if STEP_BARRIER not in STEP_BARRIERS:
         raise ValueError(f"rnnfast.backends.cuda.STEP_BARRIER must be one of {STEP_BARRIERS}, got {STEP_BARRIER!r}")
+    if not isinstance(CLUSTER, int) or not 1 <= CLUSTER <= 16 or (CLUSTER > 1 and STEP_BARRIER == "grid"):
+        raise ValueError(f"rnnfast.backends.cuda.CLUSTER must be 1 to 16 blocks, and clusters need a split-phase "
+                         f"STEP_BARRIER (a cluster launch is not cooperative); got {CLUSTER!r} with {STEP_BARRIER!r}")
     if STEP_BARRIER == "grid":
         return None
     return torch.zeros(blocks if STEP_BARRIER == "flags" else 1, dtype=torch.int32, device=device)
@@ -491,14 +506,14 @@ def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, rev
         if not fused:
             gx = hoisted_input(x, w_ih, bias, ct).contiguous()
             bias = None
-        counter = _barrier_counter(dev, -(-H // block_h))
+        counter = _barrier_counter(dev, _launch_blocks(H, block_h))
         keep += [w_ih, w_hh, bias, b_hn, gx, counter]
         params[d] = ForwardParams(
             x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
             lengths=_ptr(lengths), y=_ptr(ys[d]), h_n=_ptr(h_n[d]), c_n=_ptr(c_n[d] if c_n is not None else None),
             gates=_ptr(gates[d]), hs=_ptr(hs[d]), cs=_ptr(cs[d] if cs is not None else None), hc=_ptr(hc[d]),
-            sync=_ptr(counter), sync_flags=int(STEP_BARRIER == "flags"), T=T, B=B, I=I, H=H, block_h=block_h,
-            reverse=int(rev), directions=D, **fields)
+            sync=_ptr(counter), sync_flags=int(STEP_BARRIER == "flags"), cluster=CLUSTER, T=T, B=B, I=I, H=H,
+            block_h=block_h, reverse=int(rev), directions=D, **fields)
     fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
     with _on(dev):
         _check(fn(params, _stream(dev)), f"{cell} forward")
@@ -534,14 +549,14 @@ def backward_directions(cell, grad_y, grad_h_n, grad_c_n, x, w_ihs, w_hhs, has_b
         rev = bool(reverse) if D == 1 else d == 1
         gy = grad_y[:, :, d * H:(d + 1) * H].contiguous()
         w_hh = w_hhs[d].contiguous()
-        counter = _barrier_counter(dev, -(-H // block_h))
+        counter = _barrier_counter(dev, _launch_blocks(H, block_h))
         keep += [gy, w_hh, counter]
         params[d] = BackwardParams(
             grad_y=_ptr(gy), w_hh=_ptr(w_hh), lengths=_ptr(lengths), gates=_ptr(gates[d]), hs=_ptr(hs[d]),
             cs=_ptr(cs[d] if cs is not None else None), d_in=_ptr(d_in[d]), d_hid=_ptr(d_hid[d]), dh=_ptr(dh[d]),
             dc=_ptr(dc[d] if dc is not None else None), direct=_ptr(direct[d]), sync=_ptr(counter),
-            sync_flags=int(STEP_BARRIER == "flags"), T=T, B=B, H=H, block_h=block_h, reverse=int(rev), directions=D,
-            **fields)
+            sync_flags=int(STEP_BARRIER == "flags"), cluster=CLUSTER, T=T, B=B, H=H, block_h=block_h,
+            reverse=int(rev), directions=D, **fields)
     fn = getattr(lib, f"rnnfast_{cell}_backward_{_DTYPE_SUFFIX[dt]}")
     with _on(dev):
         _check(fn(params, _stream(dev)), f"{cell} backward")

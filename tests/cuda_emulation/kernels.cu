@@ -100,6 +100,36 @@ __global__ void grid_exchange_kernel(GridArgs a) {
   a.out[gid] = v;
 }
 
+// ------------------------------------------------------------------------------------------- clusters ---
+// Every block writes its index into slot [its rank] of every block of its cluster (map_shared), then, after the
+// cluster barrier, thread t < cluster reads slot t: out[block * cluster + t]. mode 1: block 1's threads skip the
+// barrier; mode 2: a rank past the cluster.
+struct ClusterArgs {
+  int* out;
+  int cluster, mode;
+};
+
+__global__ void cluster_kernel(ClusterArgs a) {
+  int* slots = reinterpret_cast<int*>(rf::dynamic_smem());
+  const unsigned c = static_cast<unsigned>(a.cluster), rank = rf::cluster_rank();
+  if (threadIdx.x == 0) {
+    for (unsigned r = 0; r < c + (a.mode == 2 ? 1 : 0); ++r)
+      *rf::map_shared(slots + rank, r) = static_cast<int>(blockIdx.x);
+  }
+  if (a.mode == 1 && blockIdx.x == 1) return;
+  rf::cluster_sync();
+  if (threadIdx.x < c) a.out[blockIdx.x * c + threadIdx.x] = slots[threadIdx.x];
+}
+
+// bufs: out (int32, blocks * cluster); ints: blocks, threads, cluster, mode.
+EMU_EXPORT int emu_cluster(void* const* bufs, const long long* ints, char* err, int err_len) {
+  const ClusterArgs a{static_cast<int*>(bufs[0]), static_cast<int>(ints[2]), static_cast<int>(ints[3])};
+  std::string e;
+  const bool ok = rf::launch(static_cast<unsigned>(ints[0]), static_cast<unsigned>(ints[1]), 64,
+                             static_cast<unsigned>(ints[2]), [&] { cluster_kernel(a); }, &e);
+  return report(ok, e, err, err_len);
+}
+
 // ------------------------------------------------------------------------------------------- shfl_xor ---
 struct ShflArgs {
   const float* in_f;
