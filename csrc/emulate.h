@@ -3,17 +3,19 @@
 //
 // Execution model: rf::launch runs the kernel body once per thread of a 1-D grid, each thread a fiber with its own
 // 64 KiB stack, all fibers on the calling OS thread under one cooperative scheduler (emulate.cpp). A fiber runs
-// until it reaches a barrier (sync_block, sync_grid), a warp collective (shfl_xor, ldmatrix, mma), a spin on a flag
-// (grid_wait), or finishes; a barrier releases when every thread of its scope (block, grid, warp) has arrived. Every thread of the
-// grid is alive at once, as a cooperative launch requires: 132 x 256 = 33,792 fibers is the usual grid.
+// until it reaches a barrier (sync_block, cluster_sync, sync_grid), a warp collective (shfl_xor, ldmatrix, mma), a
+// spin on a flag (grid_wait, flag_wait), or finishes; a barrier releases when every thread of its scope (block,
+// cluster, grid, warp) has arrived. Every thread of the grid is alive at once, as a cooperative launch requires:
+// 132 x 256 = 33,792 fibers is the usual grid.
 // threadIdx, blockIdx, blockDim and gridDim are plain globals that the scheduler sets whenever it resumes a fiber.
 //
 // What the emulation checks, each a failed launch with the block and thread named (never a hang or an abort):
 // deadlock (a thread that skips a barrier or exits while its block, warp or grid waits, or spins on a flag no
-// thread that can run will set), lanes of one warp in different collectives, ldmatrix rows not 16-byte aligned or
-// outside shared memory, cp_async16 addresses not 16-byte aligned, writes outside a block's dynamic shared memory
-// (which starts as 0xFF bytes, a NaN in fp32/fp16/bf16, at every launch), a stack overflow, a segmentation fault or
-// an integer division by zero in a kernel, and exceptions thrown by it.
+// thread that can run will set, or skips a cluster_sync its cluster waits at), lanes of one warp in different
+// collectives, ldmatrix rows not 16-byte aligned or outside shared memory, cp_async16 addresses not 16-byte aligned,
+// map_shared of an address outside the block's shared memory or of a rank past the cluster, writes outside a block's
+// dynamic shared memory (which starts as 0xFF bytes, a NaN in fp32/fp16/bf16, at every launch), a stack overflow, a
+// segmentation fault or an integer division by zero in a kernel, and exceptions thrown by it.
 //
 // What it does not model: memory races and the memory model (a fiber runs alone until it blocks, so a missing
 // barrier shows only where the schedule exposes it), preemption (a loop that waits for another thread without a

@@ -11,9 +11,10 @@
 // tiles fit shared memory: ldmatrix and mma.sync m16n8k16 for float16/bfloat16, mma.sync m16n8k8 TF32 for float32
 // (one pass under torch.backends.cudnn.allow_tf32, or 3xTF32: the remainders' products added, for about float32's
 // accuracy), fp32 accumulation, their K split across every warp of the block (mma_recurrent_product), the batch in
-// tiles of m_tile rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise part then runs
-// one thread per (sequence, unit), with the hoisted input part of the next step prefetched into shared memory
-// (cp.async) before the grid barrier; the A operand is in the layer's dtype for the product, as cuDNN does. Every
+// tiles of m_tile rows so that one tile of the A operand fits beside the resident W_hh slice. The step's pointwise
+// part then runs one thread per (sequence, unit), with the units' own h and c in shared memory and the hoisted input
+// part of the next step prefetched there (cp.async) before the step barrier; the A operand is in the layer's dtype
+// for the product, as cuDNN does. Steps are separated by a split-phase barrier (StepBarrier). Every
 // other product (float64, the fused input part, what does not fit) is a plain FMA loop, one warp per (sequence,
 // chunk of up to 8 units), lanes splitting K, a butterfly shuffle sum at the end.
 //
@@ -163,11 +164,19 @@ __host__ __device__ inline size_t prefetch_offset(size_t elem, int m_tile, int N
   return mma_smem_bytes(elem, m_tile, N, K);
 }
 
+// The tensor-core forward keeps each of its units' own state on chip, [planes][B][HB] fp32 (h, and LSTM's c), after
+// the prefetch buffers: the step reads and writes it there instead of in global memory.
+__host__ __device__ inline size_t own_state_offset(size_t elem, int G, int B, int H, int HB, int m_tile) {
+  return prefetch_offset(elem, m_tile, G * HB, H) + 2 * sizeof(float) * static_cast<size_t>(B) * G * HB;
+}
+__host__ __device__ inline int own_state_planes(int G) { return G == 4 ? 2 : 1; }  // LSTM: h and c
+
 // Bytes of shared memory of the forward kernel: the FMA path (m_tile 0) keeps W_hh's slice [G][HB][H]; the mma
-// path mma_smem_bytes for M = m_tile, N = G*HB, K = H, then the prefetch buffers.
+// path mma_smem_bytes for M = m_tile, N = G*HB, K = H, then the prefetch buffers and the units' own state.
 inline size_t forward_smem_bytes(size_t elem, int G, int B, int H, int HB, int m_tile) {
   if (m_tile == 0) return elem * G * HB * H;
-  return prefetch_offset(elem, m_tile, G * HB, H) + 2 * sizeof(float) * static_cast<size_t>(B) * G * HB;
+  return own_state_offset(elem, G, B, H, HB, m_tile) +
+         sizeof(float) * own_state_planes(G) * static_cast<size_t>(B) * HB;
 }
 
 // The backward's: W_hh^T's slice [HB][G*H] on the FMA path (m_tile 0); mma_smem_bytes for M = m_tile, N = HB,
@@ -421,11 +430,14 @@ __device__ __forceinline__ T lstm_update_backward(T dh, T dc, T c, T gi, T gf, T
 }
 
 // The end of one forward step for sequence b, unit j, given the hidden and input parts of its pre-activations:
-// activations, the saved gates, the state update (a padded step keeps the state) and the outputs.
+// activations, the saved gates, the state update (a padded step keeps the state) and the outputs. own_h / own_c:
+// where the unit's own state is kept on chip (else hc and cs, in global memory); cs is written either way, for the
+// backward.
 template <int CELL, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t>& p, int t, int t_next, bool last,
                                                int b, int j, const acc_t (&ah)[gates_of(CELL)],
-                                               acc_t (&ax)[gates_of(CELL)], bool input_ready = false) {
+                                               acc_t (&ax)[gates_of(CELL)], bool input_ready = false,
+                                               acc_t* own_h = nullptr, acc_t* own_c = nullptr) {
   constexpr int G = gates_of(CELL);
   constexpr int GW = gate_planes_of(CELL);
   const int B = p.B, H = p.H, GH = G * H;
@@ -439,7 +451,8 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
   }
   scalar_t* gt = p.gates + tb * GW * H;
   const int64_t bj = static_cast<int64_t>(b) * H + j;
-  const acc_t h_prev = p.hc[bj];  // this thread's own write of the step before (h0 at the first)
+  // This thread's own write of the step before (h0 at the first).
+  const acc_t h_prev = own_h != nullptr ? *own_h : p.hc[bj];
   acc_t h_new, c_new = acc_t(0), c_prev = acc_t(0);
   if constexpr (CELL == kRnnTanh || CELL == kRnnRelu) {
     h_new = rnn_update(ax[0] + ah[0], CELL == kRnnRelu);
@@ -453,7 +466,7 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     gt[2 * H + j] = static_cast<scalar_t>(n);
     gt[3 * H + j] = static_cast<scalar_t>(gh_n);
   } else {  // LSTM, gates i, f, g, o
-    c_prev = p.cs[t * BH + static_cast<int64_t>(b) * H + j];
+    c_prev = own_c != nullptr ? *own_c : p.cs[t * BH + bj];
     acc_t gi, gf, gg, go;
     h_new = lstm_update(ax[0] + ah[0], ax[1] + ah[1], ax[2] + ah[2], ax[3] + ah[3], c_prev, c_new, gi, gf, gg, go);
     gt[j] = static_cast<scalar_t>(gi);
@@ -465,11 +478,13 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
   const bool active = is_active(p.lengths, t, b);
   const acc_t h_out = active ? h_new : h_prev;
   p.y[tb * H + j] = static_cast<scalar_t>(active ? h_new : acc_t(0));
-  p.hc[bj] = h_out;
+  if (own_h != nullptr) *own_h = h_out;
+  else p.hc[bj] = h_out;
   if (!last) p.hs[t_next * BH + bj] = static_cast<scalar_t>(h_out);
   else p.h_n[bj] = static_cast<scalar_t>(h_out);
   if constexpr (CELL == kLstm) {
     const acc_t c_out = active ? c_new : c_prev;
+    if (own_c != nullptr) *own_c = c_out;
     if (!last) p.cs[t_next * BH + bj] = c_out;
     else p.c_n[bj] = static_cast<scalar_t>(c_out);
   }
@@ -528,7 +543,24 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
       }
     }
   }
+
+  // Tensor-core path: the units' own state [planes][B][HB], from h0 (hc) and c0 (cs at the first step); the block
+  // barrier below makes it, and the W_hh slice, every thread's.
+  acc_t* own = tc ? reinterpret_cast<acc_t*>(smem_raw + own_state_offset(sizeof(scalar_t), G, B, H, HB, p.m_tile))
+                  : nullptr;
+  if (tc) {
+    const int t0 = p.reverse ? T - 1 : 0;
+    for (int item = threadIdx.x; item < B * nj; item += blockDim.x) {
+      const int b = item / nj, jl = item % nj;
+      const int64_t bj = static_cast<int64_t>(b) * H + j0 + jl;
+      own[b * HB + jl] = p.hc[bj];
+      if constexpr (CELL == kLstm) own[(B + b) * HB + jl] = p.cs[t0 * BH + bj];
+    }
+  }
   rf::sync_block();
+  // Where (b, jl)'s own h and c are kept on the tensor-core path (null: in global memory).
+  auto own_h = [&](int b, int jl) { return own != nullptr ? own + b * HB + jl : nullptr; };
+  auto own_c = [&](int b, int jl) { return own != nullptr && CELL == kLstm ? own + (B + b) * HB + jl : nullptr; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Tensor-core path, hoisted mode only: the hoisted input part, [2][B][G][nj] fp32.
@@ -571,7 +603,7 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
                     mma_sum(smem_raw, sizeof(scalar_t), p.m_tile, p.n_pad, p.k_ld, p.splits, b - b0, g * HB + jl));
                 ax[g] = static_cast<acc_t>(gx_now[(b * G + g) * nj + jl]);
               }
-              forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, true);
+              forward_update<CELL>(p, t, t_next, last, b, j0 + jl, ah, ax, true, own_h(b, jl), own_c(b, jl));
             }
             continue;
           }
@@ -635,7 +667,8 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
                 ah[u][g] = static_cast<acc_t>(mma_sum(smem_raw, sizeof(scalar_t), p.m_tile, p.n_pad, p.k_ld,
                                                       p.splits, b - b0, g * HB + jc + u));
             }
-            forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u]);
+            forward_update<CELL>(p, t, t_next, last, b, j0 + jc + u, ah[u], ax[u], false, own_h(b, jc + u),
+                                 own_c(b, jc + u));
           }
         }
       }

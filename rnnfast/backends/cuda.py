@@ -183,11 +183,13 @@ def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, i
                            m_tile: int | None = None) -> int:
     """csrc/layer.cuh, forward_smem_bytes / backward_smem_bytes on tensor cores, for batch tiles of ``m_tile`` rows
     (default: the whole batch): the product's operands and partial sums, plus, forward, the two buffers of the
-    prefetched input part, [2][B][G*block_h] fp32."""
+    prefetched input part, [2][B][G*block_h] fp32, and the units' own state, [planes][B][block_h] fp32 (h, and
+    LSTM's c)."""
     G = GATES[cell]
     m_tile = min(m_tile or _pad16(B), _pad16(B))
     if kind == "forward":
-        return mma_smem_bytes(itemsize, m_tile, G * block_h, H) + 8 * B * G * block_h
+        planes = 2 if cell == "lstm" else 1
+        return mma_smem_bytes(itemsize, m_tile, G * block_h, H) + 8 * B * G * block_h + 4 * planes * B * block_h
     return mma_smem_bytes(itemsize, m_tile, block_h, G * H)
 
 
