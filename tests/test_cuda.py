@@ -572,9 +572,19 @@ def test_batch_tiles_on_tensor_cores(library, cell, dtype, mode, monkeypatch, po
     _assert_layer_correct(cell, dtype, a, reverse, up, outs, grads)
 
 
+def test_tf32_only_for_cuda_tensors_under_the_switch(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert rc.tensor_core_mode(torch.float32, torch.device("cuda")) == rc.TF32
+    assert rc.tensor_core_mode(torch.float32, torch.device("cpu")) == rc.TF32X3  # torch has no TF32 on the CPU
+    assert rc.tensor_core_mode(torch.bfloat16, torch.device("cpu")) == 1
+    assert rc.tensor_core_mode(torch.float64, torch.device("cuda")) == 0
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert rc.tensor_core_mode(torch.float32, torch.device("cuda")) == rc.TF32X3
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_tf32_under_the_switch_torch_nn_rnns_obey(library, cell, mode, poisoned_cuda):
+def test_tf32_under_the_switch_torch_nn_rnns_obey(library, cell, mode, monkeypatch, poisoned_cuda):
     """float32 under torch.backends.cudnn.allow_tf32: the recurrent products in TF32, within the baseline of the
     reference computing them in TF32 (float32 otherwise); and further from float64 than 3xTF32, which runs with the
     switch off, so TF32 is what ran."""
@@ -582,11 +592,12 @@ def test_tf32_under_the_switch_torch_nn_rnns_obey(library, cell, mode, poisoned_
     a = _inputs(cell, T, B, I, H, torch.float32, seed=zlib.crc32(f"tf32-{cell}-{mode}".encode()),
                 scale=0.5 / math.sqrt(H))
     up = _upstream(cell, T, B, H, torch.float32)
-    assert rc.tensor_core_mode(torch.float32) == rc.TF32X3  # conftest: IEEE float32 unless a test asks
+    monkeypatch.setattr(rc, "EMULATE_TF32", True)  # the emulation's CPU tensors too
+    assert rc.tensor_core_mode(torch.float32, DEVICE) == rc.TF32X3  # conftest: IEEE float32 unless a test asks
     ieee_outs, ieee_grads = _run_backend(cell, a, False, mode, up)
     torch.backends.cudnn.allow_tf32 = True
     try:
-        assert rc.tensor_core_mode(torch.float32) == rc.TF32
+        assert rc.tensor_core_mode(torch.float32, DEVICE) == rc.TF32
         outs, grads = _run_backend(cell, a, False, mode, up)
     finally:
         torch.backends.cudnn.allow_tf32 = False

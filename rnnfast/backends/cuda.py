@@ -53,6 +53,9 @@ MMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tests lower it to exercise the batch tiling on small layers.
 M_TILE_LIMIT: int | None = None
 TF32, TF32X3 = 1, 3  # csrc/capi.h, tensor_cores: one TF32 pass, or three (3xTF32)
+# TF32 on the emulation's CPU tensors too (under cudnn.allow_tf32): for the tests of the TF32 path only, since torch
+# computes nothing on the CPU in TF32 and so the same-precision baseline there is IEEE float32.
+EMULATE_TF32 = False
 # The barrier between steps: "counter", split-phase on one counter (each block arrives with a release add once its
 # stores are done, and waits by polling it with acquire loads); "flags", split-phase on one flag a block (a release
 # store each, no atomic; the wait polls every flag, a thread each); "grid", the cooperative grid barrier
@@ -193,13 +196,15 @@ def tensor_core_smem_bytes(kind: str, cell: str, B: int, H: int, block_h: int, i
     return mma_smem_bytes(itemsize, m_tile, block_h, G * H)
 
 
-def tensor_core_mode(dtype: torch.dtype) -> int:
-    """csrc/capi.h's ``tensor_cores`` for a layer dtype: 1 for the 16-bit types; float32 TF32 (1) under
-    ``torch.backends.cudnn.allow_tf32``, the switch torch.nn's RNNs obey, else 3xTF32 (3); 0 (FMA) otherwise."""
+def tensor_core_mode(dtype: torch.dtype, device: torch.device) -> int:
+    """csrc/capi.h's ``tensor_cores`` for a layer: 1 for the 16-bit types; float32 TF32 (1) on CUDA tensors under
+    ``torch.backends.cudnn.allow_tf32``, the switch torch.nn's RNNs obey, else 3xTF32 (3); 0 (FMA) otherwise. The
+    emulation's CPU tensors are never TF32, as torch computes none on the CPU (:data:`EMULATE_TF32` overrides)."""
     if not TENSOR_CORES or dtype not in MMA_DTYPES:
         return 0
     if dtype == torch.float32:
-        return TF32 if torch.backends.cudnn.allow_tf32 else TF32X3
+        tf32 = torch.backends.cudnn.allow_tf32 and (device.type == "cuda" or EMULATE_TF32)
+        return TF32 if tf32 else TF32X3
     return 1
 
 
@@ -216,7 +221,7 @@ def tensor_core_rows(cell: str, B: int, H: int, dtype: torch.dtype, device: torc
     """Batch rows per tensor-core product of the ``kind`` kernel ("forward": h_{t-1} W_hh^T; "backward": d_hid W_hh):
     the largest multiple of 16 (up to the padded batch and :data:`M_TILE_LIMIT`) whose tiles fit shared memory, or 0
     when the product stays on FMA (float64, :data:`TENSOR_CORES` off, or not even 16 rows fit)."""
-    if tensor_core_mode(dtype) == 0:
+    if tensor_core_mode(dtype, device) == 0:
         return 0
     return _tensor_core_rows(kind, cell, B, H, _ITEMSIZE[dtype], block_h, _device_facts(device.index)[1])
 
@@ -348,7 +353,7 @@ def _block_h(cell: str, H: int, x: torch.Tensor, dirs: int = 1) -> int:
 
 def _tensor_core_fields(kind: str, cell: str, B: int, H: int, x: torch.Tensor, block_h: int) -> dict:
     m_tile = tensor_core_rows(cell, B, H, x.dtype, x.device, block_h, kind)
-    return {"tensor_cores": tensor_core_mode(x.dtype) if m_tile else 0, "m_tile": m_tile}
+    return {"tensor_cores": tensor_core_mode(x.dtype, x.device) if m_tile else 0, "m_tile": m_tile}
 
 
 def _launch_blocks(H: int, block_h: int) -> int:
