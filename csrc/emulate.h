@@ -274,6 +274,23 @@ inline void cp_async16(void* smem, const void* gmem) {
                  std::to_string(reinterpret_cast<uintptr_t>(gmem) % 16) + " bytes past a boundary");
   std::memcpy(smem, gmem, 16);
 }
+namespace detail {
+
+// The mma emulations' end: this lane's four elements of the m16n8 D (d[0..1] at row g, columns 2(lane%4) and +1;
+// d[2..3] at row g+8, g = lane/4), each plus the sum over k, in order, of A[m][k] B[k][n].
+template <int K>
+inline void mma_accumulate(float (&d)[4], const float (&A)[16][K], const float (&B)[K][8]) {
+  const unsigned lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
+    float s = d[i];
+    for (int k = 0; k < K; ++k) s += A[m][k] * B[k][n];
+    d[i] = s;
+  }
+}
+
+}  // namespace detail
+
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the addresses of the 8 rows (16 bytes each) of
 // matrix i; lane l gets, in r[i], row l/4 of matrix i, elements 2(l%4) and 2(l%4)+1 (the first in the low half).
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
@@ -318,13 +335,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
       B[c + 8 + e][gr] = half_of(bb[l], 2 + e);
     }
   }
-  const unsigned lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
-  for (int i = 0; i < 4; ++i) {
-    const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
-    float s = d[i];
-    for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
-    d[i] = s;
-  }
+  detail::mma_accumulate(d, A, B);
 }
 
 // cvt.rna.tf32.f32: the bits of v rounded to TF32's 10 mantissa bits, to nearest, ties away from zero (the low 13
@@ -363,13 +374,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
     B[t][gr] = word(bb[l], 0);
     B[t + 4][gr] = word(bb[l], 1);
   }
-  const unsigned lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
-  for (int i = 0; i < 4; ++i) {
-    const unsigned m = gr + (i >= 2 ? 8 : 0), n = c + (i % 2);
-    float s = d[i];
-    for (int k = 0; k < 8; ++k) s += A[m][k] * B[k][n];
-    d[i] = s;
-  }
+  detail::mma_accumulate(d, A, B);
 }
 
 inline void cp_async_commit() {}
