@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define RNNFAST_ABI_VERSION 3
+#define RNNFAST_ABI_VERSION 4
 
 /* The library is built with hidden visibility: only these entry points are exported. */
 #if defined(__GNUC__)
@@ -51,8 +51,9 @@ typedef struct {
   void* c_n;            /* (B, H) dtype, out, LSTM only */
   void* gates;          /* (T, B, GW*H) dtype, out: the workspace's gate planes */
   void* hs;             /* (T, B, H) dtype: state entering each step; the first step's slot holds h0 on entry */
-  void* cs;             /* (T, B, H) acc, LSTM only; likewise c0 */
-  void* hc;             /* (B, H) acc: h0 on entry, the last state on exit (each unit's own state, unrounded) */
+  void* cs;             /* (T, B, H) dtype, LSTM only; likewise c0 */
+  void* hc;             /* (B, H) acc: h0 on entry (each unit's own state, unrounded; scratch) */
+  void* cc;             /* (B, H) acc, LSTM only: c0 on entry, likewise */
   void* sync;           /* uint32, zero on entry: the split-phase step barrier's counter, or with sync_flags its
                            ceil(H / block_h) flags, one a block; null: the cooperative grid.sync */
   int64_t T, B, I, H;
@@ -73,7 +74,7 @@ typedef struct {
   const void* grad_y;   /* (T, B, H) dtype */
   const void* w_hh;     /* (G*H, H) dtype */
   const int64_t* lengths;
-  const void* gates;    /* the forward's workspace planes: gates and hs in dtype, cs in acc */
+  const void* gates;    /* the forward's workspace planes: gates, hs and cs in dtype */
   const void* hs;
   const void* cs;       /* LSTM only */
   void* d_in;           /* (T, B, G*H) dtype, out: gradient of the input-part pre-activations */

@@ -60,8 +60,9 @@ struct ForwardArgs {
   scalar_t* c_n;
   scalar_t* gates;  // saved in the layer dtype (16 bits for half types)
   scalar_t* hs;  // the exchange between blocks, in the layer dtype
-  acc_t* cs;
+  scalar_t* cs;  // the saved cell states, in the layer dtype like hs
   acc_t* hc;  // (B, H): each unit's own state, in acc_t, read and written only by the thread that updates it
+  acc_t* cc;  // (B, H): the same for LSTM's cell state
   unsigned* sync;  // the step barrier's counter or flags, zero at launch (StepBarrier); null: grid.sync
   bool sync_flags;  // sync holds one flag a block of the direction, not one counter
   int cluster;  // blocks a thread-block cluster, sharing the tensor-core A operand's reads (1: no clusters)
@@ -81,7 +82,7 @@ struct BackwardArgs {
   const int64_t* lengths;
   const scalar_t* gates;
   const scalar_t* hs;
-  const acc_t* cs;
+  const scalar_t* cs;
   scalar_t* d_in;  // in the layer dtype, like the forward's saved gates
   scalar_t* d_hid;  // == d_in except for GRU; the backward's exchange between blocks
   acc_t* dh;
@@ -431,8 +432,8 @@ __device__ __forceinline__ T lstm_update_backward(T dh, T dc, T c, T gi, T gf, T
 
 // The end of one forward step for sequence b, unit j, given the hidden and input parts of its pre-activations:
 // activations, the saved gates, the state update (a padded step keeps the state) and the outputs. own_h / own_c:
-// where the unit's own state is kept on chip (else hc and cs, in global memory); cs is written either way, for the
-// backward.
+// where the unit's own state is kept on chip (else hc and cc, in global memory); cs is written either way, for the
+// backward, in the layer dtype.
 template <int CELL, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t>& p, int t, int t_next, bool last,
                                                int b, int j, const acc_t (&ah)[gates_of(CELL)],
@@ -466,7 +467,7 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
     gt[2 * H + j] = static_cast<scalar_t>(n);
     gt[3 * H + j] = static_cast<scalar_t>(gh_n);
   } else {  // LSTM, gates i, f, g, o
-    c_prev = own_c != nullptr ? *own_c : p.cs[t * BH + bj];
+    c_prev = own_c != nullptr ? *own_c : p.cc[bj];
     acc_t gi, gf, gg, go;
     h_new = lstm_update(ax[0] + ah[0], ax[1] + ah[1], ax[2] + ah[2], ax[3] + ah[3], c_prev, c_new, gi, gf, gg, go);
     gt[j] = static_cast<scalar_t>(gi);
@@ -485,7 +486,8 @@ __device__ __forceinline__ void forward_update(const ForwardArgs<scalar_t, acc_t
   if constexpr (CELL == kLstm) {
     const acc_t c_out = active ? c_new : c_prev;
     if (own_c != nullptr) *own_c = c_out;
-    if (!last) p.cs[t_next * BH + bj] = c_out;
+    else p.cc[bj] = c_out;
+    if (!last) p.cs[t_next * BH + bj] = static_cast<scalar_t>(c_out);
     else p.c_n[bj] = static_cast<scalar_t>(c_out);
   }
 }
@@ -544,17 +546,16 @@ layer_forward_kernel(const Directions<ForwardArgs<scalar_t, acc_t>> launch) {
     }
   }
 
-  // Tensor-core path: the units' own state [planes][B][HB], from h0 (hc) and c0 (cs at the first step); the block
+  // Tensor-core path: the units' own state [planes][B][HB], from h0 (hc) and c0 (cc); the block
   // barrier below makes it, and the W_hh slice, every thread's.
   acc_t* own = tc ? reinterpret_cast<acc_t*>(smem_raw + own_state_offset(sizeof(scalar_t), G, B, H, HB, p.m_tile))
                   : nullptr;
   if (tc) {
-    const int t0 = p.reverse ? T - 1 : 0;
     for (int item = threadIdx.x; item < B * nj; item += blockDim.x) {
       const int b = item / nj, jl = item % nj;
       const int64_t bj = static_cast<int64_t>(b) * H + j0 + jl;
       own[b * HB + jl] = p.hc[bj];
-      if constexpr (CELL == kLstm) own[(B + b) * HB + jl] = p.cs[t0 * BH + bj];
+      if constexpr (CELL == kLstm) own[(B + b) * HB + jl] = p.cc[bj];
     }
   }
   rf::sync_block();
@@ -755,7 +756,7 @@ layer_backward_recurrent_kernel(const Directions<BackwardArgs<scalar_t, acc_t>> 
         put(dhid, 2 * H + j, dn * r);
       } else {  // LSTM
         const acc_t gi = g_(j), gf = g_(H + j), gg = g_(2 * H + j), go = g_(3 * H + j);
-        const acc_t c_prev = p.cs[t * BH + bj];
+        const acc_t c_prev = static_cast<acc_t>(p.cs[t * BH + bj]);
         const acc_t dc_cur = p.dc[bj];
         acc_t d[4];
         // dh_t is zero at a padded step, and dc is masked, so that step's gate gradients are zero.
@@ -868,7 +869,7 @@ bool fill_forward(const rnnfast_forward_params* a, const char* what, ForwardArgs
   if (a->w_hh == nullptr || a->y == nullptr || a->h_n == nullptr || a->gates == nullptr || a->hs == nullptr ||
       a->hc == nullptr ||
       (a->gx == nullptr && (a->x == nullptr || a->w_ih == nullptr)) ||
-      (CELL == kLstm && (a->cs == nullptr || a->c_n == nullptr)))
+      (CELL == kLstm && (a->cs == nullptr || a->c_n == nullptr || a->cc == nullptr)))
     return refuse(what, "a required buffer is null");
   if (a->gx != nullptr && a->bias != nullptr) return refuse(what, "the bias goes into gx in hoisted mode");
   ForwardArgs<scalar_t, acc_t>& p = *out;
@@ -884,8 +885,9 @@ bool fill_forward(const rnnfast_forward_params* a, const char* what, ForwardArgs
   p.c_n = static_cast<scalar_t*>(a->c_n);
   p.gates = static_cast<scalar_t*>(a->gates);
   p.hs = static_cast<scalar_t*>(a->hs);
-  p.cs = static_cast<acc_t*>(a->cs);
+  p.cs = static_cast<scalar_t*>(a->cs);
   p.hc = static_cast<acc_t*>(a->hc);
+  p.cc = static_cast<acc_t*>(a->cc);
   p.sync = static_cast<unsigned*>(a->sync);
   p.sync_flags = a->sync_flags != 0;
   p.cluster = a->cluster;
@@ -918,7 +920,7 @@ bool fill_backward(const rnnfast_backward_params* a, const char* what,
   p.lengths = a->lengths;
   p.gates = static_cast<const scalar_t*>(a->gates);
   p.hs = static_cast<const scalar_t*>(a->hs);
-  p.cs = static_cast<const acc_t*>(a->cs);
+  p.cs = static_cast<const scalar_t*>(a->cs);
   p.d_in = static_cast<scalar_t*>(a->d_in);
   p.d_hid = static_cast<scalar_t*>(a->d_hid);
   p.dh = static_cast<acc_t*>(a->dh);

@@ -38,7 +38,7 @@ inputs' dtype, "compute dtype" fp32 for half inputs and else the same:
 
 - ``hs (T, B, H)``, layer dtype: the state entering step ``t`` (``h0`` at the first step; carried unchanged over
   padded steps): the exchange between programs, and the operand of the ``dW_hh`` GEMM;
-- ``cs (T, B, H)``, compute dtype: the same for the LSTM cell state;
+- ``cs (T, B, H)``, layer dtype: the same for the LSTM cell state (only the backward reads it);
 - ``gates (T, B, GW*H)``, layer dtype: activated gates (RNN: ``h_t``; LSTM: ``i, f, g, o``; GRU: ``r, z, n`` and the
   hidden part of the ``n`` pre-activation, ``W_hn h + b_hn``);
 - ``carry_h``, ``carry_c (B, H)``, compute dtype: the state between launches (``h0``, ``c0`` before the first);
@@ -372,7 +372,7 @@ def layer_forward_kernel(
         tl.store(hn_ptr + bh, h_own.to(hn_ptr.dtype.element_ty), mask=mask_bh & last)
         if CELL == LSTM:
             c_own = tl.where(active, c_new, c_own)
-            tl.store(cs_ptr + next_plane + bh, c_own, mask=mask_bh & (s < T - 1))
+            tl.store(cs_ptr + next_plane + bh, c_own.to(st), mask=mask_bh & (s < T - 1))
             tl.store(cn_ptr + bh, c_own.to(cn_ptr.dtype.element_ty), mask=mask_bh & last)
         _sync(sync_ptr, (k + 1) * n_slices, PERSISTENT, SYNC)
 
@@ -447,7 +447,7 @@ def layer_backward_kernel(
             f = tl.load(gates + H, mask=mask_bh, other=0.0).to(ct)
             g = tl.load(gates + 2 * H, mask=mask_bh, other=0.0).to(ct)
             o = tl.load(gates + 3 * H, mask=mask_bh, other=0.0).to(ct)
-            c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0)
+            c_old = tl.load(cs_ptr + plane + bh, mask=mask_bh, other=0.0).to(ct)
             # dh is zero at a padded step; dc is masked too, so that step's gate gradients are zero.
             di, df, dg, do, dc_prev = _lstm_update_backward(dh, tl.where(active, dc, 0.0), c_old, i, f, g, o)
             tl.store(d_in, di.to(st), mask=mask_bh)

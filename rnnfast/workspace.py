@@ -5,15 +5,15 @@ Workspace: one byte tensor, its parts on 256-byte boundaries, each stacked along
 indexed by time: ``gates (T, B, GW*H)`` the activated gates (GRU adds a fourth plane, ``W_hn h + b_hn``, which the
 ``r`` gradient needs) and ``hs (T, B, H)`` the state entering each step (``h0`` at the first step; carried over
 padded steps), which is also what the ``W_hh`` gradient multiplies and what the blocks or programs exchange, both in
-the layer dtype (16 bits for half types); for LSTM ``cs (T, B, H)``, the same for the cell state, in the compute
-dtype (fp32 for half types).
+the layer dtype (16 bits for half types); for LSTM ``cs (T, B, H)``, the same for the cell state, also in the layer
+dtype (the kernels carry each unit's own state unrounded; only the backward reads ``cs``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import GATES, compute_dtype
+from .reference import GATES
 
 
 def gate_planes(cell: str) -> int:
@@ -22,10 +22,9 @@ def gate_planes(cell: str) -> int:
 
 
 def _parts(cell: str, dirs: int, T: int, B: int, H: int, dt: torch.dtype):
-    ct = compute_dtype(dt)
     parts = [("gates", (dirs, T, B, gate_planes(cell) * H), dt), ("hs", (dirs, T, B, H), dt)]
     if cell == "lstm":
-        parts.append(("cs", (dirs, T, B, H), ct))
+        parts.append(("cs", (dirs, T, B, H), dt))
     return parts
 
 

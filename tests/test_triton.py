@@ -404,7 +404,7 @@ def test_half_types_save_16_bit_state():
     y, h_n, c_n, ws = tk.forward("lstm", a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                                  None, False, fused=False)
     gates, hs, cs = tk.split_workspace("lstm", ws, 1, T, 3, H, torch.float16)
-    assert gates.dtype == hs.dtype == torch.float16 and cs.dtype == torch.float32
+    assert gates.dtype == hs.dtype == cs.dtype == torch.float16
     assert ws.numel() < tk.workspace_bytes("lstm", 1, T, 3, H, torch.float32)
     assert torch.equal(hs[0, 1:], y[:-1].to(torch.float16))  # the exchange copy is h_t itself, rounded once
 

@@ -73,7 +73,7 @@ ENV_EMULATE = "RNNFAST_CUDA_EMULATE"
 EMULATED = os.environ.get(ENV_EMULATE, "0") not in ("", "0")
 # The GPU the emulation stands for (csrc/primitives.cuh: kEmulatedSMs, kEmulatedSmemOptin).
 EMULATED_DEVICE = (132, 232448, 9, 0, "CPU emulation of an sm_90 GPU")
-ABI_VERSION = 3  # csrc/capi.h, RNNFAST_ABI_VERSION
+ABI_VERSION = 4  # csrc/capi.h, RNNFAST_ABI_VERSION
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 _STATUS = {1: "invalid argument", 2: "refused", 3: "CUDA error", 4: "emulation error"}
 REFUSED = 2
@@ -83,7 +83,7 @@ class ForwardParams(ctypes.Structure):
     """``rnnfast_forward_params`` of csrc/capi.h, field for field."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("x", "gx", "w_ih", "w_hh", "bias", "b_hn", "lengths", "y", "h_n",
-                                               "c_n", "gates", "hs", "cs", "hc", "sync")] + \
+                                               "c_n", "gates", "hs", "cs", "hc", "cc", "sync")] + \
                [(n, ctypes.c_int64) for n in ("T", "B", "I", "H", "block_h", "m_tile")] + \
                [("reverse", ctypes.c_int32), ("tensor_cores", ctypes.c_int32), ("directions", ctypes.c_int32),
                 ("sync_flags", ctypes.c_int32), ("cluster", ctypes.c_int32)]
@@ -497,6 +497,7 @@ def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, rev
     gates, hs, cs = split_workspace(cell, ws, D, T, B, H, dt)
     zero_gaps(cell, ws, D, T, B, H, dt)
     hc = h0.to(ct, copy=True).contiguous()  # each unit's own state, unrounded
+    cc = c0.to(ct, copy=True).contiguous() if cell == "lstm" else None
     lengths = _lengths(lengths, x)
     fields = _tensor_core_fields("forward", cell, B, H, x, block_h)
     keep, params = [], (ForwardParams * D)()
@@ -519,6 +520,7 @@ def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, rev
             x=_ptr(x), gx=_ptr(gx), w_ih=_ptr(w_ih), w_hh=_ptr(w_hh), bias=_ptr(bias), b_hn=_ptr(b_hn),
             lengths=_ptr(lengths), y=_ptr(ys[d]), h_n=_ptr(h_n[d]), c_n=_ptr(c_n[d] if c_n is not None else None),
             gates=_ptr(gates[d]), hs=_ptr(hs[d]), cs=_ptr(cs[d] if cs is not None else None), hc=_ptr(hc[d]),
+            cc=_ptr(cc[d] if cc is not None else None),
             sync=_ptr(counter), sync_flags=int(STEP_BARRIER == "flags"), cluster=CLUSTER, T=T, B=B, I=I, H=H,
             block_h=block_h, reverse=int(rev), directions=D, **fields)
     fn = getattr(lib, f"rnnfast_{cell}_forward_{_DTYPE_SUFFIX[dt]}")
