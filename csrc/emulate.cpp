@@ -131,7 +131,7 @@ struct Scope {  // a block, a warp or the grid
 };
 
 struct Slot {
-  uint64_t value, args;
+  uint64_t value;
   Collective what;
 };
 
@@ -693,10 +693,10 @@ void arrive_grid() {
 
 namespace {
 
-// The collective's part common to all: deposit (value, args), wait for the warp, check that its lanes agree, and
+// The collective's part common to all: deposit the value, wait for the warp, check that its lanes agree, and
 // return the slots of this collective, every lane's value, which stay as they are until this lane's next
 // collective completes.
-const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
+const Slot* arrive_warp(Collective what, uint64_t value) {
   Fiber* self = require_fiber(name_of(what));
   if (g->threads % 32 != 0)
     fail_now(where(self) + ": " + name_of(what) + " needs whole warps, but blockDim.x is " +
@@ -712,7 +712,7 @@ const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
              "32 lanes");
   const unsigned gen = w.gen & 1;
   g->spins = 0;
-  w.slot[gen][lane] = {value, args, what};
+  w.slot[gen][lane] = {value, what};
   if (++w.arrived == 32) {
     w.arrived = 0;
     ++w.gen;
@@ -734,8 +734,8 @@ const Slot* arrive_warp(Collective what, uint64_t value, uint64_t args) {
 
 }  // namespace
 
-uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask) {
-  const Slot* slots = arrive_warp(what, value, args);
+uint64_t warp_collective(Collective what, uint64_t value, int lane_mask) {
+  const Slot* slots = arrive_warp(what, value);
   const unsigned lane = g->cur->thread % 32;
   unsigned src = lane ^ static_cast<unsigned>(lane_mask);
   if (src >= 32) src = lane;
@@ -743,7 +743,7 @@ uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lan
 }
 
 void warp_gather(Collective what, uint64_t value, uint64_t* all) {
-  const Slot* slots = arrive_warp(what, value, 0);
+  const Slot* slots = arrive_warp(what, value);
   for (unsigned l = 0; l < 32; ++l) all[l] = slots[l].value;
 }
 

@@ -176,7 +176,7 @@ RF_EMU_API void arrive_block();
 RF_EMU_API void arrive_grid();
 // Every lane of the warp deposits `value`, waits for all 32 lanes, and gets lane (lane ^ lane_mask)'s value (its own
 // where that lane is out of range, as PTX shfl.bfly does).
-RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, uint64_t args, int lane_mask);
+RF_EMU_API uint64_t warp_collective(Collective what, uint64_t value, int lane_mask);
 // Every lane deposits `value` and waits for all 32; all[l] is then lane l's.
 RF_EMU_API void warp_gather(Collective what, uint64_t value, uint64_t* all);
 // Whether [p, p + bytes) lies in the current block's dynamic shared memory.
@@ -252,7 +252,7 @@ inline T shfl_xor(T v, int lane_mask) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shfl_xor moves up to 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = detail::warp_collective(detail::Collective::shfl_xor, bits, 0, lane_mask);
+  bits = detail::warp_collective(detail::Collective::shfl_xor, bits, lane_mask);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;

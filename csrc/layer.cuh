@@ -21,9 +21,12 @@
 // Thread-block clusters (cluster > 1, sm_90, a plan switch): the blocks of a cluster stage each tensor-core tile
 // together, each reading its share from L2 and storing it into every block of the cluster (mma_recurrent_product).
 //
-// Per step and block (forward, tensor cores): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time) and
-// B x G*HB of the hoisted input (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops (3x for 3xTF32), write B x HB of h,
-// y and the gates, one grid barrier.
+// Per step and block (forward, tensor cores): read B x H of h_{t-1} (layer dtype, one m_tile-row tile at a time; in
+// a cluster of n, B x H / n of it from L2 and the rest from the other blocks' shared memory) and B x G*HB of the
+// hoisted input (fp32, prefetched) from L2, 2*B*G*HB*H MMA flops (3x for 3xTF32), write B x HB of h, y, c and the
+// gates, one step barrier (plus two cluster barriers a batch tile in a cluster). Backward: B x G*H of the gate
+// gradients read, 2*B*HB*G*H MMA flops, one step barrier.
+// Predicted with clusters of 4 (a switch, off): (a) 2.3 and 3.1, (b) 3.5 and 9.9, (c) 18 and 35 us/step.
 // Predicted (kernels/cost.py, cuda_kernel_step; assumptions, not measured on a GPU): (a) LSTM bf16 B=16 H=768,
 // 128 blocks x 6 units: 2.3 us/step forward, 4.3 backward; (b) LSTM fp32 B=64 H=512 (TF32; the backward in batch
 // tiles of 16 rows): 5.2 and 16.5; (c) GRU bf16 B=256 H=1024 (batch tiles of 48 rows forward, 16 backward): 24 and
@@ -116,23 +119,23 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // How a block's recurrent product runs on tensor cores, per layer dtype: st_t, the operand type kept in shared
-// memory; kK, the depth of one mma (ldmatrix + mma.sync m16n8k16 for the 16-bit types, 16 x 16 tiles; mma.sync
-// m16n8k8 TF32 for float32, 16 x 8 tiles). st_t void: no tensor-core path (float64, which stays on DFMA). float32
+// memory (ldmatrix + mma.sync m16n8k16 for the 16-bit types, 16 x 16 tiles; mma.sync m16n8k8 TF32 for float32,
+// 16 x 8 tiles: mma_depth, mma_width). st_t void: no tensor-core path (float64, which stays on DFMA). float32
 // keeps its operands unrounded in shared memory and rounds each fragment to TF32 as it is loaded; 3xTF32 adds the
 // products of the remainders, for about float32's accuracy.
 template <typename scalar_t>
-struct Mma { using st_t = void; static constexpr int kK = 16; };
+struct Mma { using st_t = void; };
 template <>
-struct Mma<rf::half_t> { using st_t = rf::half_t; static constexpr int kK = 16; };
+struct Mma<rf::half_t> { using st_t = rf::half_t; };
 template <>
-struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; static constexpr int kK = 16; };
+struct Mma<rf::bf16_t> { using st_t = rf::bf16_t; };
 template <>
-struct Mma<float> { using st_t = float; static constexpr int kK = 8; };
+struct Mma<float> { using st_t = float; };
 
 // The tile shape of a layer dtype's tensor-core product, from its size (the C size queries know only that): TF32
 // mma is 8 deep and its tiles 8 wide; the 16-bit types' are 16 and 16 (two m16n8k16 a tile, one ldmatrix for W).
-__host__ __device__ inline int mma_depth(size_t elem) { return elem == 4 ? 8 : 16; }
-__host__ __device__ inline int mma_width(size_t elem) { return elem == 4 ? 8 : 16; }
+__host__ __device__ constexpr int mma_depth(size_t elem) { return elem == 4 ? 8 : 16; }
+__host__ __device__ constexpr int mma_width(size_t elem) { return elem == 4 ? 8 : 16; }
 
 __host__ __device__ inline int pad16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
 __host__ __device__ inline int mma_n_pad(size_t elem, int64_t n) {
@@ -264,15 +267,16 @@ template <typename scalar_t, typename in_t>
 __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M, int K, int m0, int m_tile,
                                       int n_pad, int k_pad, int k_ld, int splits, int passes, int cluster) {
   using st_t = typename Mma<scalar_t>::st_t;
-  constexpr int kK = Mma<scalar_t>::kK;
+  constexpr int kK = mma_depth(sizeof(st_t)), kWidth = mma_width(sizeof(st_t));
   const st_t* wt = reinterpret_cast<const st_t*>(smem);
   st_t* at = reinterpret_cast<st_t*>(smem) + static_cast<size_t>(n_pad) * k_ld;
   float* prod = reinterpret_cast<float*>(smem + mma_product_offset(sizeof(st_t), m_tile, n_pad, k_ld));
   // Through L2 only (cp.async.cg, ld.cg), never a stale L1 line. Rows of 16-byte multiples, 16-byte aligned: 16-byte
   // asynchronous copies, consecutive threads on consecutive chunks of a row; else one warp per row, an element a lane.
   constexpr int kVec = 16 / sizeof(st_t);
-  if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 && cluster > 1) {
-    const int row_vecs = k_pad / kVec;
+  const bool wide = std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  const int row_vecs = k_pad / kVec;
+  if (wide && cluster > 1) {
     rf::cluster_sync();
     const int rank = static_cast<int>(rf::cluster_rank());
     for (int idx = rank * blockDim.x + threadIdx.x; idx < m_tile * row_vecs; idx += cluster * blockDim.x) {
@@ -283,8 +287,7 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
       for (int r = 0; r < cluster; ++r) *rf::map_shared(dst, static_cast<unsigned>(r)) = chunk;
     }
     rf::cluster_sync();
-  } else if (std::is_same_v<in_t, st_t> && K % kVec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0) {
-    const int row_vecs = k_pad / kVec;
+  } else if (wide) {
     for (int idx = threadIdx.x; idx < m_tile * row_vecs; idx += blockDim.x) {
       const int m = idx / row_vecs, v = idx % row_vecs, row = m0 + m;
       st_t* dst = at + static_cast<size_t>(m) * k_ld + v * kVec;
@@ -306,7 +309,7 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
     }
   }
   rf::sync_block();
-  const int n_tiles = n_pad / 16, tiles = (m_tile / 16) * n_tiles, chunks = k_pad / kK;
+  const int n_tiles = n_pad / kWidth, tiles = (m_tile / 16) * n_tiles, chunks = k_pad / kK;
   if constexpr (!std::is_same_v<st_t, float>) {
     // 16-bit types: ldmatrix and mma.sync m16n8k16, two n halves of the 16 x 16 tile per k16 chunk. Lane l gives
     // ldmatrix the address of row l%8 of 8x8 matrix l/8: for A, (rows +8 for odd matrices, columns +8 for the
@@ -341,10 +344,9 @@ __device__ void mma_recurrent_product(const in_t* a, unsigned char* smem, int M,
     // float32: mma.sync m16n8k8 TF32 on 16 x 8 tiles, the fragments read from shared memory a word at a time:
     // A(g, t), A(g+8, t), A(g, t+4), A(g+8, t+4) and B(t, g), B(t+4, g) of each 8-deep chunk, g = lane/4, t = lane%4.
     const int lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int n_tiles8 = n_pad / 8, tiles8 = (m_tile / 16) * n_tiles8;
-    for (int work = threadIdx.x / 32; work < tiles8 * splits; work += blockDim.x / 32) {
-      const int tile = work % tiles8, split = work / tiles8;
-      const int mt = tile / n_tiles8, nt = tile % n_tiles8;
+    for (int work = threadIdx.x / 32; work < tiles * splits; work += blockDim.x / 32) {
+      const int tile = work % tiles, split = work / tiles;
+      const int mt = tile / n_tiles, nt = tile % n_tiles;
       float acc[4] = {};
       const float* a_p = at + static_cast<size_t>(mt * 16 + gr) * k_ld + tq;
       const float* w_p = wt + static_cast<size_t>(nt * 8 + gr) * k_ld + tq;

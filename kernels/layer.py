@@ -236,6 +236,14 @@ def _split_gates(acc, NGP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.cons
 
 
 @triton.jit
+def _direction_planes(hs_ptr, cs_ptr, gates_ptr, d, T, B, H, GW: tl.constexpr):
+    """Direction ``d``'s hs, cs and gates in the workspace, whose parts are stacked along a leading direction axis;
+    and ``plane_n``, the elements of one direction's ``(T, B, H)`` plane."""
+    plane_n = (T * B).to(tl.int64) * H
+    return hs_ptr + d * plane_n, cs_ptr + d * plane_n, gates_ptr + d * plane_n * GW, plane_n
+
+
+@triton.jit
 def _program_tile(len_ptr, T, B, H, HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's sequences and hidden units, their masks, the tile's offsets in a (B, H) plane, and each
     sequence's length."""
@@ -300,10 +308,7 @@ def layer_forward_kernel(
     rev = (d == 1) | REVERSE
 
     # Per-direction bases: every buffer is stacked along a leading direction axis.
-    plane_n = (T * B).to(tl.int64) * H
-    hs_ptr += d * plane_n
-    cs_ptr += d * plane_n
-    gates_ptr += d * plane_n * GW
+    hs_ptr, cs_ptr, gates_ptr, plane_n = _direction_planes(hs_ptr, cs_ptr, gates_ptr, d, T, B, H, GW)
     hn_ptr += d * B * H
     cn_ptr += d * B * H
     carry_h_ptr += d * B * H
@@ -406,10 +411,7 @@ def layer_backward_kernel(
     rev = (d == 1) | REVERSE
     KG = NG * H
 
-    plane_n = (T * B).to(tl.int64) * H
-    hs_ptr += d * plane_n
-    cs_ptr += d * plane_n
-    gates_ptr += d * plane_n * GW
+    hs_ptr, cs_ptr, gates_ptr, plane_n = _direction_planes(hs_ptr, cs_ptr, gates_ptr, d, T, B, H, GW)
     d_in_ptr += d * plane_n * NG
     d_hid_ptr += d * plane_n * NG
     dh_ptr += d * B * H

@@ -361,14 +361,18 @@ def _launch_blocks(H: int, block_h: int) -> int:
     return -(-(-(-H // block_h)) // CLUSTER) * CLUSTER
 
 
-def _barrier_counter(device: torch.device, blocks: int) -> torch.Tensor | None:
-    """The split-phase barrier's counter, or its flags, one for each of a direction's ``blocks`` blocks, zeroed for
-    one launch (it counts from 0), or None for the cooperative grid barrier (:data:`STEP_BARRIER`)."""
+def _check_switches() -> None:
+    """:data:`STEP_BARRIER` and :data:`CLUSTER` hold values the library takes, or ValueError says which they must."""
     if STEP_BARRIER not in STEP_BARRIERS:
         raise ValueError(f"rnnfast.backends.cuda.STEP_BARRIER must be one of {STEP_BARRIERS}, got {STEP_BARRIER!r}")
     if not isinstance(CLUSTER, int) or not 1 <= CLUSTER <= 16 or (CLUSTER > 1 and STEP_BARRIER == "grid"):
         raise ValueError(f"rnnfast.backends.cuda.CLUSTER must be 1 to 16 blocks, and clusters need a split-phase "
                          f"STEP_BARRIER (a cluster launch is not cooperative); got {CLUSTER!r} with {STEP_BARRIER!r}")
+
+
+def _barrier_counter(device: torch.device, blocks: int) -> torch.Tensor | None:
+    """The split-phase barrier's counter, or its flags, one for each of a direction's ``blocks`` blocks, zeroed for
+    one launch (it counts from 0), or None for the cooperative grid barrier (:data:`STEP_BARRIER`)."""
     if STEP_BARRIER == "grid":
         return None
     return torch.zeros(blocks if STEP_BARRIER == "flags" else 1, dtype=torch.int32, device=device)
@@ -483,6 +487,7 @@ def forward_directions(cell, x, h0, c0, w_ihs, w_hhs, b_ihs, b_hhs, lengths, rev
     (the Triton backend's signature)."""
     del plan
     _require_device(x)
+    _check_switches()
     lib = load_library()
     D = len(w_hhs)
     T, B, I = x.shape
@@ -537,6 +542,7 @@ def backward_directions(cell, grad_y, grad_h_n, grad_c_n, x, w_ihs, w_hhs, has_b
     ``(dx, dh0, dc0 (D, B, H) or None, [(dw_ih, dw_hh, db_ih, db_hh)] per direction)``."""
     del plan
     _require_device(x)
+    _check_switches()
     lib = load_library()
     D = len(w_hhs)
     T, B = x.shape[0], x.shape[1]
